@@ -1,0 +1,33 @@
+"""jaxfp4: FP4-quantized (NVFP4, MXFP4) checkpoints from PyTorch producers, in JAX and Flax.
+
+The public API, curated here and pinned by ``tests/test_public_api.py``.
+"""
+
+from jaxfp4.formats import (
+    MXFP4W4A8,
+    MXFP4W4A16,
+    NVFP4W4A4,
+    NVFP4W4A16,
+    ActivationQuant,
+    FP4Format,
+    GlobalScale,
+    QuantizedTensor,
+    Recipe,
+    dequantize,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MXFP4W4A8",
+    "MXFP4W4A16",
+    "NVFP4W4A4",
+    "NVFP4W4A16",
+    "ActivationQuant",
+    "FP4Format",
+    "GlobalScale",
+    "QuantizedTensor",
+    "Recipe",
+    "__version__",
+    "dequantize",
+]

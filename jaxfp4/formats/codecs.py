@@ -1,0 +1,164 @@
+"""Bit-level codecs for the element and scale formats of NVFP4 and MXFP4.
+
+All functions are pure ``jax.numpy`` and jit-compatible. Conventions (see NUMERICS.md):
+
+* **E2M1** (FP4) code = ``sign << 3 | mag``; ``mag`` indexes ``[0, .5, 1, 1.5, 2, 3, 4, 6]``.
+  Code 8 is -0.0. Identical to ``ml_dtypes.float4_e2m1fn``.
+* **Packing**: two E2M1 codes per byte along K; element ``2j`` sits in the **low** nibble of
+  byte ``j``, element ``2j + 1`` in the high nibble. Byte ``0x21`` decodes to ``[0.5, 1.0]``.
+* **E4M3** (``float8_e4m3fn``): max 448, no infinity, ``0x7F``/``0xFF`` are NaN. Values are
+  clamped to +-448 before the cast, because XLA/ml_dtypes overflow to NaN where torch saturates.
+* **E8M0** (``float8_e8m0fnu``), kept as the raw ``uint8`` biased exponent ``e``: value
+  ``2**(e - 127)``; ``0xFF`` is NaN (OCP MX spec). Decoded with exponent arithmetic, never a cast.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+E8M0_BIAS = 127
+E8M0_NAN = 0xFF
+
+#: E2M1 code -> value, code 8 is -0.0.
+E2M1_VALUES = np.array(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+    dtype=np.float32,
+)
+
+
+def div_exact(a: jax.Array, b: jax.Array) -> jax.Array:
+    """IEEE elementwise ``a / b`` (one rounding), broadcasting like ``jnp.divide``.
+
+    XLA's algebraic simplifier rewrites a division by a broadcast or a constant into a
+    multiplication by its reciprocal (``a / 6.0`` -> ``a * 0.16666667``), which differs from
+    IEEE division in about a third of cases. Every division whose bits matter goes through
+    here: the optimization barrier hides the divisor's broadcast from the simplifier.
+    """
+    a, b = jnp.broadcast_arrays(jnp.asarray(a), jnp.asarray(b))
+    return a / jax.lax.optimization_barrier(b)
+
+
+def _as_u32(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.uint32)
+
+
+def decode_e2m1(codes: jax.Array, *, negative_zero: bool = True) -> jax.Array:
+    """E2M1 codes (any unsigned int dtype, values 0..15) -> float32 values, exactly.
+
+    Built from the bits (no table gather): for ``mag >= 2`` the float32 pattern is
+    ``0x3F000000 + (mag << 22)`` (exponent ``e-1+127``, mantissa bit from ``mag & 1``);
+    ``mag == 1`` is 0.5 and ``mag == 0`` is zero. ``negative_zero=False`` decodes code 8 as +0.0
+    (NVIDIA ModelOpt's table); the default gives -0.0 like compressed-tensors, vLLM and ml_dtypes.
+    """
+    c = _as_u32(codes)
+    mag = c & 7
+    sign = (c >> 3) & 1
+    bits = jnp.uint32(0x3F000000) + (mag << 22)
+    bits = jnp.where(mag == 1, jnp.uint32(0x3F000000), bits)  # 0.5
+    bits = jnp.where(mag == 0, jnp.uint32(0), bits)
+    if negative_zero:
+        bits = bits | (sign << 31)
+    else:
+        bits = jnp.where(mag == 0, bits, bits | (sign << 31))
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def encode_e2m1(x: jax.Array) -> jax.Array:
+    """float values -> E2M1 codes (``uint8``, 0..15): round half to even, saturate at +-6.
+
+    The sign bit is ``signbit(x)``, so a negative value that rounds to zero gives code 8 (-0.0),
+    as compressed-tensors' packer does. NaN gives code 8 (XLA's conversion), +-inf gives +-6.
+    Ties: 0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4.
+    """
+    f4 = jnp.asarray(x, jnp.float32).astype(jnp.float4_e2m1fn)
+    # float4 -> uint8 via a float round trip through the exact code table built from bits.
+    v = f4.astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(v, jnp.uint32)
+    sign = (bits >> 31).astype(jnp.uint8)
+    a = jnp.abs(v)
+    # |v| in {0,.5,1,1.5,2,3,4,6} -> mag 0..7 without a gather: mag = 2*a for a <= 1.5,
+    # else 2 + 2*log2(a) (a in {2,4}) or the mantissa step (a in {3,6}).
+    mag = jnp.where(
+        a <= 1.5,
+        (a * 2).astype(jnp.uint8),
+        jnp.select([a == 2, a == 3, a == 4], [4, 5, 6], 7).astype(jnp.uint8),
+    )
+    return (mag | (sign << 3)).astype(jnp.uint8)
+
+
+def pack_nibbles(codes: jax.Array) -> jax.Array:
+    """``uint8`` codes ``[..., K]`` (K even) -> packed bytes ``[..., K/2]``.
+
+    Element ``2j`` goes to the low nibble of byte ``j``, element ``2j + 1`` to the high nibble.
+    """
+    if codes.shape[-1] % 2:
+        raise ValueError(f"pack_nibbles needs an even last dimension, got shape {codes.shape}")
+    c = codes.astype(jnp.uint8)
+    return (c[..., 0::2] & 0xF) | ((c[..., 1::2] & 0xF) << 4)
+
+
+def unpack_nibbles(packed: jax.Array) -> jax.Array:
+    """Packed bytes ``[..., K/2]`` -> ``uint8`` codes ``[..., K]`` (low nibble first)."""
+    if packed.dtype != jnp.uint8:
+        raise TypeError(f"packed FP4 codes must be uint8, got {packed.dtype}")
+    lo = packed & 0xF
+    hi = packed >> 4
+    return jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def encode_e4m3(x: jax.Array) -> jax.Array:
+    """float32 -> ``float8_e4m3fn``: clamp to +-448, then round to nearest even.
+
+    NaN stays NaN; +-inf saturates to +-448 (as torch's cast does).
+    """
+    x = jnp.asarray(x, jnp.float32)
+    return jnp.clip(x, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+
+
+def decode_e4m3(s: jax.Array) -> jax.Array:
+    """``float8_e4m3fn`` (or its raw ``uint8`` bytes) -> float32, exactly."""
+    if s.dtype == jnp.uint8:
+        s = jax.lax.bitcast_convert_type(s, jnp.float8_e4m3fn)
+    return s.astype(jnp.float32)
+
+
+def decode_e8m0(e: jax.Array) -> jax.Array:
+    """E8M0 biased exponents (``uint8``) -> float32 ``2**(e - 127)``; ``0xFF`` -> NaN.
+
+    Built from the exponent bits: ``e >= 1`` is the normal float32 with exponent field ``e``;
+    ``e == 0`` is 2**-127, the float32 subnormal ``0x00400000``.
+    """
+    if e.dtype == jnp.float8_e8m0fnu:
+        e = jax.lax.bitcast_convert_type(e, jnp.uint8)
+    if e.dtype != jnp.uint8:
+        raise TypeError(f"E8M0 scales must be uint8 exponents, got {e.dtype}")
+    u = _as_u32(e)
+    bits = jnp.where(u == 0, jnp.uint32(0x00400000), u << 23)
+    bits = jnp.where(u == E8M0_NAN, jnp.uint32(0x7FC00000), bits)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def e8m0_exponent(e: jax.Array) -> jax.Array:
+    """E8M0 byte -> unbiased int32 exponent ``e - 127`` (``0xFF`` gives 128)."""
+    return e.astype(jnp.int32) - E8M0_BIAS
+
+
+def ldexp_f32(x: jax.Array, exponent: jax.Array) -> jax.Array:
+    """``x * 2**exponent`` in float32 for exponents in [-127, 127], exact unless it underflows.
+
+    Done as two multiplications by normal powers of two, so that neither factor is a
+    float32 subnormal (XLA:CPU flushes subnormal *operands*; results are kept).
+    """
+    x = jnp.asarray(x, jnp.float32)
+    exponent = exponent.astype(jnp.int32)
+    half = exponent // 2
+    rest = exponent - half
+
+    def pow2(k: jax.Array) -> jax.Array:
+        return jax.lax.bitcast_convert_type(((k + 127).astype(jnp.uint32)) << 23, jnp.float32)
+
+    return (x * pow2(half)) * pow2(rest)

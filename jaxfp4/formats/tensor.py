@@ -1,0 +1,277 @@
+"""The quantized-weight pytree and the typed schemes (recipes) of jaxfp4.
+
+A :class:`QuantizedTensor` holds one linear layer's FP4 weight exactly as the PyTorch producer
+stored it (PyTorch's ``(out_features, in_features)`` = ``(N, K)`` orientation, never
+transposed): packed E2M1 codes, block scales, and per-partition global scales with the
+producer's own convention (divisor or multiplier). Keeping the stored numbers, rather than a
+normalized copy, is what makes :func:`dequantize` bit-exact with each producer's decompression.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxfp4.formats import codecs
+
+
+class FP4Format(enum.Enum):
+    """Block format of the weight: element type E2M1, and the block scale's type and size."""
+
+    NVFP4 = "nvfp4"  # E4M3 scale per 16 elements along K, plus an fp32 global scale
+    MXFP4 = "mxfp4"  # E8M0 scale per 32 elements along K, no global scale
+
+    @property
+    def block_size(self) -> int:
+        return 16 if self is FP4Format.NVFP4 else 32
+
+    @property
+    def scale_dtype(self) -> jnp.dtype:
+        return jnp.dtype(jnp.float8_e4m3fn) if self is FP4Format.NVFP4 else jnp.dtype(jnp.uint8)
+
+
+class GlobalScale(enum.Enum):
+    """How the stored per-tensor global scale ``g`` of an NVFP4 weight is applied."""
+
+    NONE = "none"  # MXFP4: no global scale
+    DIVISOR = "divisor"  # compressed-tensors: w = q * (s / g), g ~ 448*6/amax
+    MULTIPLIER = "multiplier"  # ModelOpt, Quark: w = q * (s * g), g ~ amax/(448*6)
+
+
+class ActivationQuant(enum.Enum):
+    """Runtime NVFP4 activation quantization modes (W4A4); both are bit-exact to their source.
+
+    * ``VLLM``: vLLM's ``ref_nvfp4_quant`` + ``ref_nvfp4_quant_dequant`` (CPU branch):
+      ``amax/6`` as ``f32(amax * f32(1/6))``, quantize by multiplying with a reciprocal.
+    * ``COMPRESSED_TENSORS``: compressed-tensors' fake-quant (what llm-compressor calibrates
+      with and HF transformers runs): ``amax/6`` rounded to bf16, an all-zero block's scale
+      becomes 0.125, quantize by dividing.
+    """
+
+    VLLM = "vllm"
+    COMPRESSED_TENSORS = "compressed_tensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedTensor:
+    """One FP4 weight matrix of logical shape ``(N, K)`` (out_features, in_features).
+
+    Array fields (pytree leaves):
+      codes: ``uint8 [N, K/2]``, two E2M1 codes per byte along K; element ``2j`` in the low
+        nibble of byte ``j``.
+      scales: block scales along K. NVFP4: ``float8_e4m3fn [N, K/16]``; MXFP4: ``uint8 [N, K/32]``
+        biased E8M0 exponents (value ``2**(e-127)``).
+      global_scale: NVFP4 only, ``float32 [P]``: one stored global scale per output partition
+        (e.g. q, k, v of a fused qkv weight), in the producer's convention ``global_kind``.
+        ``None`` for MXFP4.
+
+    Static fields (pytree metadata, hashable):
+      format: :class:`FP4Format`.
+      shape: logical ``(N, K)``.
+      partitions: output-row counts of each partition, summing to N (``(N,)`` when unfused).
+      global_kind: :class:`GlobalScale` convention of ``global_scale``.
+      negative_zero: whether E2M1 code 8 decodes to -0.0 (compressed-tensors, vLLM) or +0.0
+        (ModelOpt's decoder). Values are equal either way; this only pins the sign bit.
+    """
+
+    codes: jax.Array
+    scales: jax.Array
+    global_scale: jax.Array | None
+    format: FP4Format
+    shape: tuple[int, int]
+    partitions: tuple[int, ...]
+    global_kind: GlobalScale
+    negative_zero: bool = True
+
+    @property
+    def block_size(self) -> int:
+        return self.format.block_size
+
+    @property
+    def n(self) -> int:
+        return self.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.shape[1]
+
+    def validate(self, name: str = "weight") -> QuantizedTensor:
+        """Check dtypes and shapes (not values); raise one clear error naming ``name``."""
+        validate_quantized(
+            name,
+            self.codes,
+            self.scales,
+            self.global_scale,
+            format=self.format,
+            shape=self.shape,
+            partitions=self.partitions,
+            global_kind=self.global_kind,
+        )
+        return self
+
+    def global_multiplier(self) -> jax.Array | None:
+        """Per-partition float32 multiplier ``m_w`` (``[P]``): ``1/g`` for divisors (one fp32
+        division), ``g`` for multipliers, ``None`` for MXFP4."""
+        if self.global_kind is GlobalScale.NONE:
+            return None
+        g = self.global_scale.astype(jnp.float32)
+        return codecs.div_exact(jnp.float32(1.0), g) if self.global_kind is GlobalScale.DIVISOR else g
+
+    def row_global_multiplier(self) -> jax.Array | None:
+        """``m_w`` expanded to one float32 per output row (``[N]``), or ``None`` for MXFP4."""
+        m = self.global_multiplier()
+        if m is None:
+            return None
+        return jnp.repeat(m, np.asarray(self.partitions), total_repeat_length=self.n)
+
+
+jax.tree_util.register_dataclass(
+    QuantizedTensor,
+    data_fields=["codes", "scales", "global_scale"],
+    meta_fields=["format", "shape", "partitions", "global_kind", "negative_zero"],
+)
+
+
+def validate_quantized(
+    name: str,
+    codes: jax.Array,
+    scales: jax.Array,
+    global_scale: jax.Array | None,
+    *,
+    format: FP4Format,
+    shape: tuple[int, int],
+    partitions: Sequence[int],
+    global_kind: GlobalScale,
+) -> None:
+    """Raise ``TypeError``/``ValueError`` naming ``name`` if the parts do not form a weight."""
+    n, k = shape
+    bs = format.block_size
+    if k % bs:
+        raise ValueError(f"{name}: K={k} is not a multiple of the {format.value} block ({bs})")
+    if codes.dtype != jnp.uint8:
+        raise TypeError(f"{name}: packed codes must be uint8, got {codes.dtype}")
+    if tuple(codes.shape) != (n, k // 2):
+        raise ValueError(f"{name}: packed codes have shape {tuple(codes.shape)}, expected {(n, k // 2)}")
+    if scales.dtype != format.scale_dtype:
+        raise TypeError(
+            f"{name}: {format.value} block scales must be {format.scale_dtype}, got {scales.dtype}"
+        )
+    if tuple(scales.shape) != (n, k // bs):
+        raise ValueError(f"{name}: block scales have shape {tuple(scales.shape)}, expected {(n, k // bs)}")
+    if sum(partitions) != n or any(p <= 0 for p in partitions):
+        raise ValueError(f"{name}: partitions {tuple(partitions)} do not sum to N={n}")
+    if format is FP4Format.MXFP4:
+        if global_scale is not None or global_kind is not GlobalScale.NONE:
+            raise ValueError(f"{name}: MXFP4 weights carry no global scale")
+        return
+    if global_kind is GlobalScale.NONE or global_scale is None:
+        raise ValueError(f"{name}: NVFP4 weights need a global scale (divisor or multiplier)")
+    if global_scale.dtype != jnp.float32:
+        raise TypeError(f"{name}: global scale must be float32, got {global_scale.dtype}")
+    if tuple(global_scale.shape) != (len(partitions),):
+        raise ValueError(
+            f"{name}: global scale has shape {tuple(global_scale.shape)}, expected one per partition "
+            f"({len(partitions)},)"
+        )
+
+
+def dequantize(q: QuantizedTensor, dtype: jnp.dtype = jnp.bfloat16) -> jax.Array:
+    """The ``(N, K)`` weight in ``dtype``, bit-exact with the producer's own decompression.
+
+    * NVFP4, divisor (compressed-tensors ``NVFP4PackedCompressor.decompress``):
+      ``dtype(f32(q * f32(s / g)))``.
+    * NVFP4, multiplier (ModelOpt ``NVFP4QTensor.dequantize``, Quark):
+      ``dtype(f32(q * f32(s * g)))``.
+    * MXFP4 (compressed-tensors, Quark, gpt-oss): ``dtype(q * 2**(e-127))`` (the product is
+      exact in float32; one rounding to ``dtype``). E8M0 ``0xFF`` gives NaN.
+
+    ``g`` is the partition's global scale, applied per output row. Limit: XLA:CPU flushes
+    float32 subnormal *results* to zero, so MXFP4 values below 2**-126 (E8M0 exponent bytes 0
+    and 1 only) come out as zero on CPU where torch keeps a subnormal.
+    """
+    n, k = q.shape
+    bs = q.block_size
+    vals = codecs.decode_e2m1(codecs.unpack_nibbles(q.codes), negative_zero=q.negative_zero)
+    vals = vals.reshape(n, k // bs, bs)
+    if q.format is FP4Format.MXFP4:
+        out = codecs.ldexp_f32(vals, codecs.e8m0_exponent(q.scales)[..., None])
+        out = jnp.where(q.scales[..., None] == codecs.E8M0_NAN, jnp.nan, out)
+    else:
+        s = codecs.decode_e4m3(q.scales)
+        g = jnp.repeat(q.global_scale.astype(jnp.float32), np.asarray(q.partitions), total_repeat_length=n)
+        eff = codecs.div_exact(s, g[:, None]) if q.global_kind is GlobalScale.DIVISOR else s * g[:, None]
+        out = vals * eff[..., None]
+    return out.reshape(n, k).astype(dtype)
+
+
+def concat_partitions(parts: Sequence[QuantizedTensor]) -> QuantizedTensor:
+    """Fuse weights along N (q/k/v, gate/up), keeping each part's own global scale exactly."""
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.format, p.k, p.global_kind, p.negative_zero) != (
+            first.format,
+            first.k,
+            first.global_kind,
+            first.negative_zero,
+        ):
+            raise ValueError("cannot fuse weights of different formats, K or global-scale conventions")
+    gs = None if first.global_scale is None else jnp.concatenate([p.global_scale for p in parts])
+    return QuantizedTensor(
+        codes=jnp.concatenate([p.codes for p in parts]),
+        scales=jnp.concatenate([p.scales for p in parts]),
+        global_scale=gs,
+        format=first.format,
+        shape=(sum(p.n for p in parts), first.k),
+        partitions=tuple(x for p in parts for x in p.partitions),
+        global_kind=first.global_kind,
+        negative_zero=first.negative_zero,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Recipes: what a layer computes. Typed, hashable, usable as static jit arguments.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class NVFP4W4A4:
+    """NVFP4 weights; activations quantized to NVFP4 at run time with a static global divisor
+    ``input_global_scale`` (per-16 E4M3 block scales computed on the fly)."""
+
+    activation_mode: ActivationQuant = ActivationQuant.VLLM
+    weight_format = FP4Format.NVFP4
+    name = "nvfp4_w4a4"
+
+
+@dataclasses.dataclass(frozen=True)
+class NVFP4W4A16:
+    """NVFP4 weights; activations stay bf16/fp16/f32 (no synthesized activation scale)."""
+
+    weight_format = FP4Format.NVFP4
+    name = "nvfp4_w4a16"
+
+
+@dataclasses.dataclass(frozen=True)
+class MXFP4W4A8:
+    """MXFP4 weights; activations FP8 E4M3 with a static per-tensor scale (a multiplier:
+    ``x ~ fp8 * input_scale``)."""
+
+    weight_format = FP4Format.MXFP4
+    name = "mxfp4_w4a8"
+
+
+@dataclasses.dataclass(frozen=True)
+class MXFP4W4A16:
+    """MXFP4 weights; activations stay in their float dtype (gpt-oss)."""
+
+    weight_format = FP4Format.MXFP4
+    name = "mxfp4_w4a16"
+
+
+Recipe = NVFP4W4A4 | NVFP4W4A16 | MXFP4W4A8 | MXFP4W4A16
+RECIPES: tuple[type, ...] = (NVFP4W4A4, NVFP4W4A16, MXFP4W4A8, MXFP4W4A16)

@@ -1,0 +1,142 @@
+"""Exhaustive and special-value tests of the E2M1, E4M3, E8M0 codecs and nibble packing."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jaxfp4.formats import codecs
+
+ALL_E2M1 = np.arange(16, dtype=np.uint8)
+
+
+def test_e2m1_decode_matches_ml_dtypes_for_all_16_codes():
+    ours = np.asarray(codecs.decode_e2m1(jnp.asarray(ALL_E2M1)))
+    # ml_dtypes float4 values for codes 0..15 (its bit encoding is the E2M1 code).
+    ref = np.array([ml_dtypes.float4_e2m1fn(v) for v in codecs.E2M1_VALUES]).astype(np.float32)
+    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))  # sign of zero included
+    assert ours[8] == 0 and np.signbit(ours[8])
+
+
+def test_e2m1_decode_positive_zero_variant():
+    ours = np.asarray(codecs.decode_e2m1(jnp.asarray(ALL_E2M1), negative_zero=False))
+    assert not np.signbit(ours[8])
+    assert np.array_equal(ours[np.arange(16) != 8], codecs.E2M1_VALUES[np.arange(16) != 8])
+
+
+def test_e2m1_encode_roundtrip_all_codes():
+    assert np.array_equal(np.asarray(codecs.encode_e2m1(jnp.asarray(codecs.E2M1_VALUES))), ALL_E2M1)
+
+
+@pytest.mark.parametrize(
+    ("x", "want"),
+    [
+        (0.25, 0.0),
+        (0.75, 1.0),
+        (1.25, 1.0),
+        (1.75, 2.0),
+        (2.5, 2.0),
+        (3.5, 4.0),
+        (5.0, 4.0),
+        (0.2500001, 0.5),
+        (5.0000005, 6.0),
+        (6.0, 6.0),
+        (7.0, 6.0),
+        (1e30, 6.0),
+        (-0.75, -1.0),
+        (-2.5, -2.0),
+        (-5.0, -4.0),
+        (-100.0, -6.0),
+    ],
+)
+def test_e2m1_ties_to_even_and_saturation(x, want):
+    got = codecs.decode_e2m1(codecs.encode_e2m1(jnp.float32(x)))
+    assert float(got) == want
+
+
+def test_e2m1_special_values():
+    codes = np.asarray(codecs.encode_e2m1(jnp.array([jnp.inf, -jnp.inf, jnp.nan, -0.0, -0.1, 0.1])))
+    # +-inf saturate to +-6 (codes 7, 15); NaN maps to code 8 (-0.0), as XLA's f32->f4 cast does;
+    # negative values rounding to zero keep the sign (code 8), like compressed-tensors' packer.
+    assert codes.tolist() == [7, 15, 8, 8, 8, 0]
+
+
+def test_e2m1_encode_matches_ml_dtypes_on_random_values():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(1_000_000) * rng.choice([0.1, 1.0, 4.0], 1_000_000)).astype(np.float32)
+    x[:1000] = rng.choice(np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], np.float32), 1000) * rng.choice(
+        [-1, 1], 1000
+    )
+    ours = np.asarray(codecs.encode_e2m1(jnp.asarray(x)))
+    ref = x.astype(ml_dtypes.float4_e2m1fn).view(np.uint8) & 0xF
+    assert np.array_equal(ours, ref)
+
+
+def test_nibble_order_pinned():
+    # Element 2j is the low nibble: byte 0x21 holds [code 1, code 2] = [0.5, 1.0].
+    vals = codecs.decode_e2m1(codecs.unpack_nibbles(jnp.array([0x21], jnp.uint8)))
+    assert vals.tolist() == [0.5, 1.0]
+    assert codecs.pack_nibbles(jnp.array([1, 2], jnp.uint8)).tolist() == [0x21]
+
+
+def test_pack_unpack_roundtrip_and_matches_xla_bitcast():
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 16, size=(7, 64), dtype=np.uint8)
+    packed = np.asarray(codecs.pack_nibbles(jnp.asarray(codes)))
+    assert np.array_equal(np.asarray(codecs.unpack_nibbles(jnp.asarray(packed))), codes)
+    # XLA's own float4 pair -> byte bitcast puts element 0 in the low nibble too.
+    as_f4 = jnp.asarray(codecs.E2M1_VALUES[codes].astype(ml_dtypes.float4_e2m1fn).reshape(7, 32, 2))
+    assert np.array_equal(np.asarray(jax.lax.bitcast_convert_type(as_f4, jnp.uint8)), packed)
+
+
+def test_pack_rejects_odd_and_unpack_rejects_non_uint8():
+    with pytest.raises(ValueError, match="even"):
+        codecs.pack_nibbles(jnp.zeros((3,), jnp.uint8))
+    with pytest.raises(TypeError, match="uint8"):
+        codecs.unpack_nibbles(jnp.zeros((3,), jnp.int8))
+
+
+def test_e4m3_decode_all_256_bytes():
+    b = np.arange(256, dtype=np.uint8)
+    ours = np.asarray(codecs.decode_e4m3(jnp.asarray(b)))
+    ref = b.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    assert np.array_equal(ours, ref, equal_nan=True)
+    assert np.isnan(ours[[0x7F, 0xFF]]).all() and np.isfinite(np.delete(ours, [0x7F, 0xFF])).all()
+
+
+def test_e4m3_encode_all_codes_ties_and_saturation():
+    b = np.arange(256, dtype=np.uint8)
+    vals = b.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    finite = ~np.isnan(vals)
+    back = np.asarray(codecs.encode_e4m3(jnp.asarray(vals[finite]))).view(np.uint8)
+    assert np.array_equal(back, b[finite])
+    # Midpoints between neighbours round to the even mantissa.
+    pos = np.sort(vals[finite & (vals >= 0)])
+    mids = ((pos[:-1].astype(np.float64) + pos[1:]) / 2).astype(np.float32)
+    got = np.asarray(codecs.encode_e4m3(jnp.asarray(mids))).astype(np.float32)
+    lo_even = (np.asarray(codecs.encode_e4m3(jnp.asarray(pos[:-1]))).view(np.uint8) & 1) == 0
+    assert np.array_equal(got, np.where(lo_even, pos[:-1], pos[1:]))
+    # Saturation instead of ml_dtypes' NaN on overflow.
+    sat = np.asarray(codecs.encode_e4m3(jnp.array([464.0, 1e9, jnp.inf, -jnp.inf, jnp.nan]))).astype(
+        np.float32
+    )
+    assert sat[:4].tolist() == [448.0, 448.0, 448.0, -448.0] and np.isnan(sat[4])
+
+
+def test_e8m0_decode_all_256_bytes():
+    e = np.arange(256, dtype=np.uint8)
+    ours = np.asarray(codecs.decode_e8m0(jnp.asarray(e)))
+    want = np.ldexp(np.float64(1.0), e.astype(np.int64) - 127).astype(np.float32)
+    assert np.array_equal(ours[:255], want[:255])
+    assert np.isnan(ours[255])
+    assert ours[0] == np.float32(2.0**-127)  # a float32 subnormal, built from bits
+
+
+def test_ldexp_exact_over_range():
+    x = jnp.asarray(codecs.E2M1_VALUES[1:8])
+    for k in range(-120, 121, 7):
+        got = np.asarray(codecs.ldexp_f32(x, jnp.int32(k)))
+        assert np.array_equal(got, np.ldexp(codecs.E2M1_VALUES[1:8], k))
