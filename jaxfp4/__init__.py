@@ -16,6 +16,8 @@ from jaxfp4.formats import (
     dequantize,
 )
 
+from jaxfp4.ops import Fp4LinearParams, fp4_linear, make_params
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -24,10 +26,13 @@ __all__ = [
     "NVFP4W4A4",
     "NVFP4W4A16",
     "ActivationQuant",
+    "Fp4LinearParams",
     "FP4Format",
     "GlobalScale",
     "QuantizedTensor",
     "Recipe",
     "__version__",
     "dequantize",
+    "fp4_linear",
+    "make_params",
 ]

@@ -1,0 +1,85 @@
+"""``fp4_linear``: the one dispatch point for every FP4 linear layer.
+
+Backends register in one ordered table. ``backend=None`` ("auto") takes the first backend
+(in table order: fastest first) that supports the call; an explicit backend never falls back:
+if it cannot run, the error lists every backend's reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxfp4.ops import pallas as _pallas
+from jaxfp4.ops import xla as _xla
+from jaxfp4.ops.params import Fp4LinearParams
+
+_FLOAT_ACTS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One execution path: ``unsupported_reason`` returns ``None`` if it can run the call."""
+
+    name: str
+    unsupported_reason: Callable[[jax.Array, Fp4LinearParams], str | None]
+    forward: Callable[[jax.Array, Fp4LinearParams, jax.Array | None], jax.Array]
+
+
+#: Ordered by preference for ``backend=None``.
+BACKENDS: dict[str, Backend] = {
+    m.NAME: Backend(m.NAME, m.unsupported_reason, m.forward) for m in (_pallas, _xla)
+}
+
+
+def _check_call(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None) -> None:
+    if not isinstance(params, Fp4LinearParams):
+        raise TypeError(f"params must be Fp4LinearParams, got {type(params).__name__}")
+    if jnp.dtype(x.dtype) not in _FLOAT_ACTS:
+        raise TypeError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
+    if x.ndim < 1 or x.shape[-1] != params.in_features:
+        raise ValueError(f"x has shape {x.shape}; its last axis must be in_features={params.in_features}")
+    if bias is not None and tuple(bias.shape) != (params.out_features,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({params.out_features},)")
+
+
+def select_backend(x: jax.Array, params: Fp4LinearParams, backend: str | None = None) -> Backend:
+    """The backend that ``fp4_linear`` would run for this call (raises if none can)."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; known: {sorted(BACKENDS)}")
+    names = [backend] if backend is not None else list(BACKENDS)
+    reasons = {}
+    for name in names:
+        reason = BACKENDS[name].unsupported_reason(x, params)
+        if reason is None:
+            return BACKENDS[name]
+        reasons[name] = reason
+    detail = "; ".join(f"{k}: {v}" for k, v in reasons.items())
+    raise ValueError(
+        f"no backend can run fp4_linear({params.recipe.name}, x{tuple(x.shape)} {x.dtype}): {detail}"
+    )
+
+
+def fp4_linear(
+    x: jax.Array, params: Fp4LinearParams, *, bias: jax.Array | None = None, backend: str | None = None
+) -> jax.Array:
+    """``y = Q(x) @ W.T + b`` for an FP4 weight ``W`` of shape ``(N, K)``.
+
+    Args:
+      x: activations ``[..., K]`` in bfloat16, float16 or float32; any leading rank.
+      params: :class:`Fp4LinearParams` (weight, recipe, activation scale, optional bias).
+      bias: optional ``[N]`` bias, overriding ``params.bias``; added in float32.
+      backend: ``None`` (auto: the fastest that supports the call), ``"pallas"`` or ``"xla"``.
+
+    Returns:
+      ``[..., N]`` in ``x.dtype``. ``Q`` is the recipe's activation quantization (identity for
+      W4A16). Accumulation is float32. Runs under ``jax.named_scope("jaxfp4.<backend>")``.
+    """
+    bias = params.bias if bias is None else bias
+    _check_call(x, params, bias)
+    chosen = select_backend(x, params, backend)
+    with jax.named_scope(f"jaxfp4.{chosen.name}"):
+        return chosen.forward(x, params, bias)

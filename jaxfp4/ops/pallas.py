@@ -1,0 +1,140 @@
+"""The "pallas" backend: FP4-weight GEMM kernels for NVIDIA GPUs (Pallas, Triton lowering).
+
+What it computes, for all four recipes (``alpha_n`` = the weight row's global multiplier,
+1 for MXFP4):
+
+* activations prepared exactly as the "xla" backend does (W4A4: NVFP4 quantize-dequantize;
+  W4A8: FP8 values, exact in bf16, with the FP8 scale folded into the epilogue);
+* ``y[m, n] = alpha_n * sum_k x[m, k] * (q[n, k] * s[n, k/B])`` with the E2M1 x scale product
+  exact in bf16 and float32 accumulation; bias added in float32; output in ``x.dtype``.
+
+Numerically this differs from the "xla" reference only by where the global multiplier is
+applied (the reference rounds ``q * s * alpha`` to bf16 per weight, the kernel applies
+``alpha`` to the float32 sum) and by summation order: see ``tests/ops/test_pallas.py``.
+
+Shapes are padded inside (M to the row tile, N to the weight tile, K to ``bk * split_k``; zero
+codes and zero scales add nothing) and sliced back. Activations must be bfloat16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+
+from jaxfp4.formats import MXFP4W4A8, FP4Format, fake_quantize_nvfp4_activations, quantize_fp8_static
+from jaxfp4.formats.tensor import NVFP4W4A4
+from jaxfp4.ops.params import Fp4LinearParams
+
+NAME = "pallas"
+_CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "kernels" / "configs"
+_interpret = False
+
+
+@contextlib.contextmanager
+def pallas_interpret(enabled: bool = True) -> Iterator[None]:
+    """Run the "pallas" backend in Pallas interpret mode (on CPU too), for tests and debugging."""
+    global _interpret
+    old, _interpret = _interpret, enabled
+    try:
+        yield
+    finally:
+        _interpret = old
+
+
+def _on_gpu() -> bool:
+    try:
+        return jax.default_backend() == "gpu"
+    except RuntimeError:
+        return False
+
+
+def unsupported_reason(x: jax.Array, params: Fp4LinearParams) -> str | None:
+    if not (_interpret or _on_gpu()):
+        return "needs an NVIDIA GPU (or pallas_interpret())"
+    if x.dtype != jnp.bfloat16:
+        return f"kernels take bfloat16 activations, got {x.dtype}"
+    return None
+
+
+def _device_kind() -> str:
+    try:
+        return jax.devices()[0].device_kind
+    except RuntimeError:
+        return "cpu"
+
+
+def _load_tuned() -> dict[str, list[dict]]:
+    """Tuned configs, one JSON file per device kind (written by ``kernels/tune.py``)."""
+    out: dict[str, list[dict]] = {}
+    for f in sorted(_CONFIG_DIR.glob("*.json")):
+        data = json.loads(f.read_text())
+        out[data["device_kind"]] = data["configs"]
+    return out
+
+
+_TUNED = _load_tuned()
+
+
+def choose_config(m: int, n: int, k: int, fmt: FP4Format):
+    """A tuned config for (M bucket, N, K) on this device kind, else a heuristic one."""
+    from jaxfp4.kernels.w4a16_triton import BlockConfig
+
+    bucket = next(b for b in (16, 32, 64, 128, 256, 1 << 62) if m <= b)
+    for rec in _TUNED.get(_device_kind(), []):
+        if (rec["m_bucket"], rec["n"], rec["k"], rec["format"]) == (bucket, n, k, fmt.value):
+            return BlockConfig(**rec["config"])
+    if m <= 64:
+        bm, bn, bk = max(16, bucket), 64, 256
+        return BlockConfig(
+            bm=bm, bn=bn, bk=bk, split_k=default_split(n, k, bn, bk), num_warps=4, num_stages=3
+        )
+    return BlockConfig(bm=128, bn=128, bk=64, split_k=1, num_warps=8, num_stages=3)
+
+
+def default_split(n: int, k: int, bn: int, bk: int, programs: int = 264) -> int:
+    """Smallest power-of-two split-K giving about ``programs`` programs (2 per H100 SM) while
+    each split keeps at least 4 K steps and divides K."""
+    n_blocks, split = -(-n // bn), 1
+    while n_blocks * split < programs and k % (bk * split * 2) == 0 and k // (bk * split * 2) >= 4:
+        split *= 2
+    return split
+
+
+def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None) -> jax.Array:
+    from jaxfp4.kernels.w4a16_triton import fp4_matmul_partials
+
+    w = params.weight
+    r = params.recipe
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, w.k)
+    alpha = w.row_global_multiplier()
+    alpha = jnp.ones((w.n,), jnp.float32) if alpha is None else alpha
+    if isinstance(r, NVFP4W4A4):
+        x2 = fake_quantize_nvfp4_activations(x2, params.input_scale, mode=r.activation_mode)
+    elif isinstance(r, MXFP4W4A8):
+        x2 = quantize_fp8_static(x2, params.input_scale).astype(jnp.bfloat16)  # exact
+        alpha = alpha * params.input_scale
+    m = x2.shape[0]
+    cfg = choose_config(m, w.n, w.k, w.format)
+    mp = -(-m // cfg.bm) * cfg.bm
+    np_ = -(-w.n // cfg.bn) * cfg.bn
+    kq = cfg.bk * cfg.split_k
+    kp = -(-w.k // kq) * kq
+    bs = w.block_size
+    codes, scales = w.codes, w.scales
+    if (np_, kp) != (w.n, w.k):
+        codes = jnp.pad(codes, ((0, np_ - w.n), (0, (kp - w.k) // 2)))
+        scales = jnp.pad(scales, ((0, np_ - w.n), (0, (kp - w.k) // bs)))
+    x2 = jnp.pad(x2, ((0, mp - m), (0, kp - w.k))) if (mp, kp) != (m, w.k) else x2
+    parts = fp4_matmul_partials(
+        x2, codes, scales, cfg=cfg, mx=w.format is FP4Format.MXFP4, interpret=_interpret
+    )
+    y = parts.sum(0)[:m, : w.n] * alpha[None, :]
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype).reshape(*lead, w.n)

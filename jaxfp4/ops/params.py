@@ -1,0 +1,95 @@
+"""Per-layer quantized parameters: the pytree that ``fp4_linear`` consumes.
+
+``Fp4LinearParams`` = the FP4 weight (:class:`QuantizedTensor`, PyTorch ``(N, K)`` layout), the
+recipe (static), the scheme's activation scale and an optional bias ``[N]``.
+
+Activation scale conventions, normalized once when params are built:
+
+* NVFP4 W4A4: ``input_scale`` is the float32 **divisor** ``g_x`` of the activation quantizer
+  (compressed-tensors ``input_global_scale``; ``1 / input_scale`` for ModelOpt, ``1 /
+  input_scale_2`` for Quark; the max over fused partitions, which see the same input).
+* MXFP4 W4A8: ``input_scale`` is the float32 **multiplier** ``s`` of static FP8 activations
+  (``x ~ fp8 * s``; Quark stores it in the model dtype, the value is kept exactly).
+* W4A16 recipes: ``input_scale`` is ``None``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxfp4.formats import (
+    MXFP4W4A8,
+    MXFP4W4A16,
+    NVFP4W4A4,
+    NVFP4W4A16,
+    QuantizedTensor,
+    Recipe,
+)
+
+_RECIPES = (NVFP4W4A4, NVFP4W4A16, MXFP4W4A8, MXFP4W4A16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp4LinearParams:
+    """Quantized parameters of one linear layer ``y = x @ W.T + b`` (``W`` is ``(N, K)``)."""
+
+    weight: QuantizedTensor
+    input_scale: jax.Array | None
+    bias: jax.Array | None
+    recipe: Recipe
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.k
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.n
+
+    def validate(self, name: str = "layer") -> Fp4LinearParams:
+        """Check the recipe, weight, activation scale and bias; raise one clear error."""
+        if not isinstance(self.recipe, _RECIPES):
+            raise TypeError(
+                f"{name}: unknown recipe {self.recipe!r}; expected one of {[r.__name__ for r in _RECIPES]}"
+            )
+        if not isinstance(self.weight, QuantizedTensor):
+            raise TypeError(f"{name}: weight must be a QuantizedTensor, got {type(self.weight).__name__}")
+        if self.weight.format is not self.recipe.weight_format:
+            raise ValueError(
+                f"{name}: recipe {self.recipe.name} needs {self.recipe.weight_format.value} weights, "
+                f"got {self.weight.format.value}"
+            )
+        self.weight.validate(f"{name}.weight")
+        needs_scale = isinstance(self.recipe, NVFP4W4A4 | MXFP4W4A8)
+        if needs_scale:
+            if self.input_scale is None:
+                raise ValueError(f"{name}: recipe {self.recipe.name} needs a static activation scale")
+            if self.input_scale.dtype != jnp.float32 or self.input_scale.shape != ():
+                raise TypeError(
+                    f"{name}: input_scale must be a float32 scalar, got {self.input_scale.dtype}{self.input_scale.shape}"
+                )
+        elif self.input_scale is not None:
+            raise ValueError(f"{name}: recipe {self.recipe.name} takes no activation scale")
+        if self.bias is not None and tuple(self.bias.shape) != (self.weight.n,):
+            raise ValueError(f"{name}: bias has shape {tuple(self.bias.shape)}, expected ({self.weight.n},)")
+        return self
+
+
+jax.tree_util.register_dataclass(
+    Fp4LinearParams, data_fields=["weight", "input_scale", "bias"], meta_fields=["recipe"]
+)
+
+
+def make_params(
+    weight: QuantizedTensor,
+    recipe: Recipe,
+    *,
+    input_scale: jax.Array | float | None = None,
+    bias: jax.Array | None = None,
+) -> Fp4LinearParams:
+    """Build and validate :class:`Fp4LinearParams` (``input_scale`` per the module docstring)."""
+    s = None if input_scale is None else jnp.asarray(input_scale, jnp.float32).reshape(())
+    return Fp4LinearParams(weight=weight, input_scale=s, bias=bias, recipe=recipe).validate()
