@@ -15,7 +15,6 @@ from jaxfp4.formats import (
     Recipe,
     dequantize,
 )
-
 from jaxfp4.ops import Fp4LinearParams, fp4_linear, make_params
 
 __version__ = "0.1.0"
@@ -26,8 +25,8 @@ __all__ = [
     "NVFP4W4A4",
     "NVFP4W4A16",
     "ActivationQuant",
-    "Fp4LinearParams",
     "FP4Format",
+    "Fp4LinearParams",
     "GlobalScale",
     "QuantizedTensor",
     "Recipe",
