@@ -39,9 +39,7 @@ def random_weight(key, n: int, k: int, fmt: FP4Format) -> QuantizedTensor:
     if fmt is FP4Format.NVFP4:
         sb = jax.random.randint(k2, (n, k // 16), 0x20, 0x50, jnp.int32).astype(jnp.uint8)
         scales = jax.lax.bitcast_convert_type(sb, jnp.float8_e4m3fn)
-        return QuantizedTensor(
-            codes, scales, jnp.array([3e-4], jnp.float32), fmt, (n, k), (n,), GlobalScale.MULTIPLIER
-        )
+        return QuantizedTensor(codes, scales, jnp.array([3e-4], jnp.float32), fmt, (n, k), (n,), GlobalScale.MULTIPLIER)
     scales = jax.random.randint(k2, (n, k // 32), 118, 124, jnp.int32).astype(jnp.uint8)
     return QuantizedTensor(codes, scales, None, fmt, (n, k), (n,), GlobalScale.NONE)
 
@@ -95,9 +93,7 @@ def main() -> None:
         pm = [jaxfp4.make_params(q, MXFP4W4A16()) for q in qm]
         for m in MS:
             x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
-            bf16 = time_op(
-                lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype), x, wb
-            )
+            bf16 = time_op(lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype), x, wb)
             for scheme, ps in (("nvfp4_w4a16", pn), ("mxfp4_w4a16", pm)):
                 rec = dict(scheme=scheme, M=m, K=k, N=n)
                 records.append({**rec, "backend": "bf16", "us": bf16})
@@ -110,9 +106,7 @@ def main() -> None:
                     pallas_backend._TUNED.pop(device, None)
                     if cfg is not None:
                         bucket = next(b for b in (16, 32, 64, 128, 256, 1 << 62) if m <= b)
-                        entry = dict(
-                            m_bucket=bucket, n=n, k=k, format=fmt.value, config=dataclasses.asdict(cfg)
-                        )
+                        entry = dict(m_bucket=bucket, n=n, k=k, format=fmt.value, config=dataclasses.asdict(cfg))
                         pallas_backend._TUNED[device] = [entry]
                     try:
                         us = time_op(lambda x, p: jaxfp4.fp4_linear(x, p, backend="pallas"), x, ps)
@@ -126,9 +120,7 @@ def main() -> None:
                 records.append({**rec, "backend": "pallas", "us": best[0]})
                 if best[1] is not None:
                     bucket = next(b for b in (16, 32, 64, 128, 256, 1 << 62) if m <= b)
-                    tuned.append(
-                        dict(m_bucket=bucket, n=n, k=k, format=fmt.value, config=dataclasses.asdict(best[1]))
-                    )
+                    tuned.append(dict(m_bucket=bucket, n=n, k=k, format=fmt.value, config=dataclasses.asdict(best[1])))
                 print(
                     f"{scheme:12s} M={m:5d} K={k:5d} N={n:5d} bf16 {bf16:8.1f} xla {xla:8.1f} pallas {best[0]:8.1f}"
                     f"  speedup {bf16 / best[0]:.2f}x",
@@ -137,9 +129,7 @@ def main() -> None:
         del wb, qn, qm, pn, pm
     safe = device.replace(" ", "_")
     with open(f"{out}/gemm-{safe}.json", "w") as f:
-        json.dump(
-            {"device": device, "jax": jax.__version__, "copies": COPIES, "records": records}, f, indent=1
-        )
+        json.dump({"device": device, "jax": jax.__version__, "copies": COPIES, "records": records}, f, indent=1)
     with open(f"{out}/configs-{safe}.json", "w") as f:
         json.dump({"device_kind": device, "configs": tuned}, f, indent=1)
     plot(records, device, f"{out}/gemm-{safe}.png")
@@ -160,9 +150,7 @@ def plot(records, device, path) -> None:
             sp = []
             for m in MS:
                 r = {
-                    x["backend"]: x["us"]
-                    for x in records
-                    if (x["scheme"], x["M"], x["K"], x["N"]) == (scheme, m, k, n)
+                    x["backend"]: x["us"] for x in records if (x["scheme"], x["M"], x["K"], x["N"]) == (scheme, m, k, n)
                 }
                 sp.append(r["bf16"] / r["pallas"])
             ax.plot(MS, sp, marker="o", label=f"K={k} N={n}")

@@ -44,8 +44,12 @@ def _check_act(x: jax.Array, block: int) -> None:
 
 
 def _vllm_rcp(v: jax.Array) -> jax.Array:
-    """vLLM's ``get_reciprocal``: ``1 / (v + (v == 0) * 1e8)`` in float32."""
-    return codecs.div_exact(jnp.float32(1.0), v + (v == 0).astype(jnp.float32) * jnp.float32(1e8))
+    """vLLM's ``get_reciprocal``: ``1 / (v + (v == 0) * 1e8)`` in float32.
+
+    The barrier keeps XLA from folding a later ``x * rcp(v)`` into ``x / v`` (another rounding).
+    """
+    r = codecs.div_exact(jnp.float32(1.0), v + (v == 0).astype(jnp.float32) * jnp.float32(1e8))
+    return jax.lax.optimization_barrier(r)
 
 
 def _nvfp4_blocks(

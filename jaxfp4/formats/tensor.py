@@ -158,9 +158,7 @@ def validate_quantized(
     if tuple(codes.shape) != (n, k // 2):
         raise ValueError(f"{name}: packed codes have shape {tuple(codes.shape)}, expected {(n, k // 2)}")
     if scales.dtype != format.scale_dtype:
-        raise TypeError(
-            f"{name}: {format.value} block scales must be {format.scale_dtype}, got {scales.dtype}"
-        )
+        raise TypeError(f"{name}: {format.value} block scales must be {format.scale_dtype}, got {scales.dtype}")
     if tuple(scales.shape) != (n, k // bs):
         raise ValueError(f"{name}: block scales have shape {tuple(scales.shape)}, expected {(n, k // bs)}")
     if sum(partitions) != n or any(p <= 0 for p in partitions):

@@ -30,9 +30,7 @@ class Backend:
 
 
 #: Ordered by preference for ``backend=None``.
-BACKENDS: dict[str, Backend] = {
-    m.NAME: Backend(m.NAME, m.unsupported_reason, m.forward) for m in (_pallas, _xla)
-}
+BACKENDS: dict[str, Backend] = {m.NAME: Backend(m.NAME, m.unsupported_reason, m.forward) for m in (_pallas, _xla)}
 
 
 def _check_call(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None) -> None:
@@ -58,9 +56,7 @@ def select_backend(x: jax.Array, params: Fp4LinearParams, backend: str | None = 
             return BACKENDS[name]
         reasons[name] = reason
     detail = "; ".join(f"{k}: {v}" for k, v in reasons.items())
-    raise ValueError(
-        f"no backend can run fp4_linear({params.recipe.name}, x{tuple(x.shape)} {x.dtype}): {detail}"
-    )
+    raise ValueError(f"no backend can run fp4_linear({params.recipe.name}, x{tuple(x.shape)} {x.dtype}): {detail}")
 
 
 def fp4_linear(

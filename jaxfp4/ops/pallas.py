@@ -90,9 +90,7 @@ def choose_config(m: int, n: int, k: int, fmt: FP4Format):
             return BlockConfig(**rec["config"])
     if m <= 64:
         bm, bn, bk = max(16, bucket), 64, 256
-        return BlockConfig(
-            bm=bm, bn=bn, bk=bk, split_k=default_split(n, k, bn, bk), num_warps=4, num_stages=3
-        )
+        return BlockConfig(bm=bm, bn=bn, bk=bk, split_k=default_split(n, k, bn, bk), num_warps=4, num_stages=3)
     return BlockConfig(bm=128, bn=128, bk=64, split_k=1, num_warps=8, num_stages=3)
 
 
@@ -131,9 +129,7 @@ def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None) -> ja
         codes = jnp.pad(codes, ((0, np_ - w.n), (0, (kp - w.k) // 2)))
         scales = jnp.pad(scales, ((0, np_ - w.n), (0, (kp - w.k) // bs)))
     x2 = jnp.pad(x2, ((0, mp - m), (0, kp - w.k))) if (mp, kp) != (m, w.k) else x2
-    parts = fp4_matmul_partials(
-        x2, codes, scales, cfg=cfg, mx=w.format is FP4Format.MXFP4, interpret=_interpret
-    )
+    parts = fp4_matmul_partials(x2, codes, scales, cfg=cfg, mx=w.format is FP4Format.MXFP4, interpret=_interpret)
     y = parts.sum(0)[:m, : w.n] * alpha[None, :]
     if bias is not None:
         y = y + bias.astype(jnp.float32)

@@ -52,9 +52,7 @@ class Fp4LinearParams:
     def validate(self, name: str = "layer") -> Fp4LinearParams:
         """Check the recipe, weight, activation scale and bias; raise one clear error."""
         if not isinstance(self.recipe, _RECIPES):
-            raise TypeError(
-                f"{name}: unknown recipe {self.recipe!r}; expected one of {[r.__name__ for r in _RECIPES]}"
-            )
+            raise TypeError(f"{name}: unknown recipe {self.recipe!r}; expected one of {[r.__name__ for r in _RECIPES]}")
         if not isinstance(self.weight, QuantizedTensor):
             raise TypeError(f"{name}: weight must be a QuantizedTensor, got {type(self.weight).__name__}")
         if self.weight.format is not self.recipe.weight_format:
@@ -78,9 +76,7 @@ class Fp4LinearParams:
         return self
 
 
-jax.tree_util.register_dataclass(
-    Fp4LinearParams, data_fields=["weight", "input_scale", "bias"], meta_fields=["recipe"]
-)
+jax.tree_util.register_dataclass(Fp4LinearParams, data_fields=["weight", "input_scale", "bias"], meta_fields=["recipe"])
 
 
 def make_params(

@@ -120,9 +120,7 @@ def test_e4m3_encode_all_codes_ties_and_saturation():
     lo_even = (np.asarray(codecs.encode_e4m3(jnp.asarray(pos[:-1]))).view(np.uint8) & 1) == 0
     assert np.array_equal(got, np.where(lo_even, pos[:-1], pos[1:]))
     # Saturation instead of ml_dtypes' NaN on overflow.
-    sat = np.asarray(codecs.encode_e4m3(jnp.array([464.0, 1e9, jnp.inf, -jnp.inf, jnp.nan]))).astype(
-        np.float32
-    )
+    sat = np.asarray(codecs.encode_e4m3(jnp.array([464.0, 1e9, jnp.inf, -jnp.inf, jnp.nan]))).astype(np.float32)
     assert sat[:4].tolist() == [448.0, 448.0, 448.0, -448.0] and np.isnan(sat[4])
 
 

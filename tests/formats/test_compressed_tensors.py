@@ -50,9 +50,7 @@ def _ct_nvfp4(parts: list[torch.Tensor], scheme_name: str = "NVFP4A16"):
         n, k = p.shape
         pg = p.reshape(n, k // 16, 16)
         scale, _ = calculate_qparams(pg.amin(-1), pg.amax(-1), args, global_scale=gs)
-        sd = NVFP4PackedCompressor.compress(
-            {"weight": p, "weight_scale": scale, "weight_global_scale": gs}, scheme
-        )
+        sd = NVFP4PackedCompressor.compress({"weight": p, "weight_scale": scale, "weight_global_scale": gs}, scheme)
         deq = NVFP4PackedCompressor.decompress(dict(sd), scheme)["weight"]
         out.append((sd, deq))
     return out

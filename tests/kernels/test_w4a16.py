@@ -76,9 +76,7 @@ def _check_against_reference(x, p, y):
 
 
 @pytest.mark.parametrize("recipe", [pytest.param(r, marks=_maybe_xfail(r), id=r.name) for r in RECIPES])
-@pytest.mark.parametrize(
-    ("lead", "n", "k"), [((1,), 96, 160), ((5,), 64, 256), ((2, 17), 40, 96), ((33,), 130, 64)]
-)
+@pytest.mark.parametrize(("lead", "n", "k"), [((1,), 96, 160), ((5,), 64, 256), ((2, 17), 40, 96), ((33,), 130, 64)])
 def test_pallas_interpret_matches_xla(recipe, lead, n, k):
     if k % recipe.weight_format.block_size:
         pytest.skip("K must be a multiple of the MXFP4 block (32); covered by the error test")
@@ -96,10 +94,7 @@ def test_kernel_partials_equal_exact_product_in_interpret_mode():
     x = jax.random.normal(jax.random.key(4), (16, 1024), jnp.float32).astype(jnp.bfloat16)
     cfg = BlockConfig(bm=16, bn=64, bk=256, split_k=2)
     parts = fp4_matmul_partials(x, q.codes, q.scales, cfg=cfg, mx=False, interpret=True)
-    qs = (
-        np.asarray(jaxfp4.dequantize(q, jnp.float32), np.float64)
-        / np.asarray(q.row_global_multiplier())[:, None]
-    )
+    qs = np.asarray(jaxfp4.dequantize(q, jnp.float32), np.float64) / np.asarray(q.row_global_multiplier())[:, None]
     exact = np.asarray(x, np.float64) @ qs.T
     a = np.abs(np.asarray(x, np.float64)) @ np.abs(qs).T
     got = np.asarray(parts, np.float64).sum(0)
@@ -136,9 +131,7 @@ def test_kernel_lowers_for_cuda_on_cpu_install(mx):
 
 @requires_gpu
 @pytest.mark.parametrize("recipe", [pytest.param(r, marks=_maybe_xfail(r), id=r.name) for r in RECIPES])
-@pytest.mark.parametrize(
-    ("m", "n", "k"), [(1, 4096, 1024), (16, 1000, 512), (130, 384, 2048), (512, 256, 160)]
-)
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 4096, 1024), (16, 1000, 512), (130, 384, 2048), (512, 256, 160)])
 def test_pallas_gpu_matches_xla(recipe, m, n, k):
     if k % recipe.weight_format.block_size:
         pytest.skip("K must be a multiple of the MXFP4 block (32)")

@@ -58,6 +58,23 @@ def test_nvfp4_activation_quant_matches_vllm_ref(g, dtype):
     assert np.array_equal(np.asarray(dq).astype(np.float32), to_np(ref_dq).astype(np.float32))
 
 
+JIT_REWRITE = pytest.mark.xfail(
+    strict=False,
+    reason="open bug: under jax.jit, XLA:CPU re-associates part of vLLM's reciprocal arithmetic "
+    "(seen: 31 of 16384 elements differ at g=400, and at g=5); eager is bit-exact (test above)",
+)
+
+
+@JIT_REWRITE
+@pytest.mark.parametrize("g", [644.0, 5.0])
+def test_nvfp4_activation_quant_vllm_mode_under_jit(g):
+    x = _acts(int(g), 256, 256, torch.bfloat16)
+    ref_dq = vllm_ref.ref_nvfp4_quant_dequant(x, torch.tensor([g], dtype=torch.float32), 16)
+    f = jax.jit(lambda a: fake_quantize_nvfp4_activations(a, jnp.float32(g), mode=ActivationQuant.VLLM))
+    got = f(jnp.asarray(to_np(x)))
+    assert np.array_equal(np.asarray(got).astype(np.float32), to_np(ref_dq).astype(np.float32))
+
+
 @pytest.mark.parametrize("g", [644.0, 2544.0, 1234.5678])
 def test_nvfp4_activation_compressed_tensors_mode_matches_fake_quantize(g):
     x = _acts(7, 512, 256)
@@ -99,9 +116,7 @@ def test_nvfp4_activation_special_values():
     dq = np.asarray(fake_quantize_nvfp4_activations(jnp.asarray(x), jnp.float32(100.0)))
     ref = vllm_ref.ref_nvfp4_quant_dequant(torch.from_numpy(x), torch.tensor([100.0]), 16).numpy()
     assert np.isnan(dq[0, :16]).all() and np.isnan(ref[0, :16]).all()  # NaN poisons its block
-    assert (
-        dq[0, 20] == np.float32(6) * (np.float32(448) / np.float32(100)) == ref[0, 20]
-    )  # +inf -> 6 * f32(448/g)
+    assert dq[0, 20] == np.float32(6) * (np.float32(448) / np.float32(100)) == ref[0, 20]  # +inf -> 6 * f32(448/g)
     assert np.array_equal(dq[0, 16:], ref[0, 16:])
 
 
@@ -121,18 +136,14 @@ def test_mxfp4_dequant_matches_vllm_dequant_mxfp4():
     rng = np.random.default_rng(5)
     w = rng.integers(0, 256, (96, 64), dtype=np.uint8)
     e = rng.integers(100, 140, (96, 4), dtype=np.uint8)
-    q = QuantizedTensor(
-        jnp.asarray(w), jnp.asarray(e), None, FP4Format.MXFP4, (96, 128), (96,), GlobalScale.NONE
-    )
+    q = QuantizedTensor(jnp.asarray(w), jnp.asarray(e), None, FP4Format.MXFP4, (96, 128), (96,), GlobalScale.NONE)
     for tdt, jdt in [
         (torch.bfloat16, jnp.bfloat16),
         (torch.float32, jnp.float32),
         (torch.float16, jnp.float16),
     ]:
         ref = vllm_ref.dequant_mxfp4(torch.from_numpy(w), torch.from_numpy(e), tdt)
-        assert np.array_equal(
-            np.asarray(dequantize(q, jdt)).astype(np.float32), to_np(ref).astype(np.float32)
-        )
+        assert np.array_equal(np.asarray(dequantize(q, jdt)).astype(np.float32), to_np(ref).astype(np.float32))
 
 
 def test_nvfp4_multiplier_dequant_matches_vllm_dequantize_to_dtype():
@@ -149,9 +160,7 @@ def test_nvfp4_multiplier_dequant_matches_vllm_dequantize_to_dtype():
         (64,),
         GlobalScale.MULTIPLIER,
     )
-    ref = vllm_ref.dequantize_to_dtype(
-        torch.from_numpy(w), torch.from_numpy(s), torch.tensor(m), torch.bfloat16
-    )
+    ref = vllm_ref.dequantize_to_dtype(torch.from_numpy(w), torch.from_numpy(s), torch.tensor(m), torch.bfloat16)
     assert np.array_equal(np.asarray(dequantize(q)).astype(np.float32), to_np(ref).astype(np.float32))
 
 

@@ -74,9 +74,7 @@ def ref_nvfp4_quant(x: torch.Tensor, global_scale: torch.Tensor, block_size: int
     return cast_to_fp4(clipped_x), scale.squeeze(-1)
 
 
-def ref_nvfp4_quant_dequant(
-    x: torch.Tensor, global_scale: torch.Tensor, block_size: int = 16
-) -> torch.Tensor:
+def ref_nvfp4_quant_dequant(x: torch.Tensor, global_scale: torch.Tensor, block_size: int = 16) -> torch.Tensor:
     """``ref_nvfp4_quant_dequant`` (CPU branch): ``dtype(q * (scale / global_scale))``."""
     m, k = x.shape
     x_fp4, x_bs = ref_nvfp4_quant(x, global_scale, block_size)
