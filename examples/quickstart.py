@@ -36,8 +36,7 @@ def main() -> None:
     dt = (time.perf_counter() - t0) / 20
     ref = down(jax.nn.silu(up(x)))
     rel = float(
-        np.linalg.norm(np.asarray(y, np.float32) - np.asarray(ref, np.float32))
-        / np.linalg.norm(np.asarray(ref, np.float32))
+        np.linalg.norm(np.asarray(y, np.float32) - np.asarray(ref, np.float32)) / np.linalg.norm(np.asarray(ref, np.float32))
     )
     backend = jaxfp4.ops.select_backend(x, fup.params()).name
     print(

@@ -12,7 +12,6 @@ Writes ``$OUT/gemm-<device>.json`` ({"device", "records": [{scheme, M, K, N, bac
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -83,7 +82,7 @@ def main() -> None:
     device = dev.device_kind
     print("device", device, "jax", jax.__version__, flush=True)
     t_start = time.time()
-    records, tuned = [], []
+    records, tuned = [], {}
     key = jax.random.key(0)
     for k, n in SHAPES:
         wb = [jax.random.normal(jax.random.fold_in(key, i), (n, k), jnp.bfloat16) for i in range(COPIES)]
@@ -105,9 +104,7 @@ def main() -> None:
                 for cfg in cands:
                     pallas_backend._TUNED.pop(device, None)
                     if cfg is not None:
-                        bucket = next(b for b in (16, 32, 64, 128, 256, 1 << 62) if m <= b)
-                        entry = dict(m_bucket=bucket, n=n, k=k, format=fmt.value, config=dataclasses.asdict(cfg))
-                        pallas_backend._TUNED[device] = [entry]
+                        pallas_backend._TUNED[device] = [pallas_backend.tuned_entry(m, n, k, fmt, cfg)]
                     try:
                         us = time_op(lambda x, p: jaxfp4.fp4_linear(x, p, backend="pallas"), x, ps)
                     except Exception as e:  # a config that fails to compile is skipped, and said so
@@ -119,8 +116,9 @@ def main() -> None:
                 pallas_backend._TUNED.pop(device, None)
                 records.append({**rec, "backend": "pallas", "us": best[0]})
                 if best[1] is not None:
-                    bucket = next(b for b in (16, 32, 64, 128, 256, 1 << 62) if m <= b)
-                    tuned.append(dict(m_bucket=bucket, n=n, k=k, format=fmt.value, config=dataclasses.asdict(best[1])))
+                    # M=1 and M=16 share a bucket: the first measured keeps it (choose_config reads the first).
+                    entry = pallas_backend.tuned_entry(m, n, k, fmt, best[1])
+                    tuned.setdefault((entry["m_bucket"], n, k, fmt.value), entry)
                 print(
                     f"{scheme:12s} M={m:5d} K={k:5d} N={n:5d} bf16 {bf16:8.1f} xla {xla:8.1f} pallas {best[0]:8.1f}"
                     f"  speedup {bf16 / best[0]:.2f}x",
@@ -131,7 +129,7 @@ def main() -> None:
     with open(f"{out}/gemm-{safe}.json", "w") as f:
         json.dump({"device": device, "jax": jax.__version__, "copies": COPIES, "records": records}, f, indent=1)
     with open(f"{out}/configs-{safe}.json", "w") as f:
-        json.dump({"device_kind": device, "configs": tuned}, f, indent=1)
+        json.dump({"device_kind": device, "configs": list(tuned.values())}, f, indent=1)
     plot(records, device, f"{out}/gemm-{safe}.png")
 
 
@@ -149,9 +147,7 @@ def plot(records, device, path) -> None:
         for k, n in SHAPES:
             sp = []
             for m in MS:
-                r = {
-                    x["backend"]: x["us"] for x in records if (x["scheme"], x["M"], x["K"], x["N"]) == (scheme, m, k, n)
-                }
+                r = {x["backend"]: x["us"] for x in records if (x["scheme"], x["M"], x["K"], x["N"]) == (scheme, m, k, n)}
                 sp.append(r["bf16"] / r["pallas"])
             ax.plot(MS, sp, marker="o", label=f"K={k} N={n}")
         ax.axhline(1.0, color="gray", lw=0.8)

@@ -43,9 +43,7 @@ def main() -> None:
         "f32_to_bf16": lambda a: a.astype(jnp.bfloat16),
         "div_plain": lambda a: a / 6.0,
         "div_array": lambda a: a / (jnp.abs(a[::-1]) + 1.0),
-        "div_barrier_both": lambda a: (
-            jax.lax.optimization_barrier(a) / jax.lax.optimization_barrier(jnp.full_like(a, 6.0))
-        ),
+        "div_barrier_both": lambda a: jax.lax.optimization_barrier(a) / jax.lax.optimization_barrier(jnp.full_like(a, 6.0)),
     }
     for name, f in probes.items():
         g, c = run(f, jnp.asarray(x))

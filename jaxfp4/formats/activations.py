@@ -33,11 +33,11 @@ from jaxfp4.formats import codecs
 from jaxfp4.formats.tensor import ActivationQuant
 
 NVFP4_BLOCK = 16
-_FLOAT_ACTS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+FLOAT_ACTIVATION_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
 def _check_act(x: jax.Array, block: int) -> None:
-    if jnp.dtype(x.dtype) not in _FLOAT_ACTS:
+    if jnp.dtype(x.dtype) not in FLOAT_ACTIVATION_DTYPES:
         raise TypeError(f"activations must be bfloat16, float16 or float32, got {x.dtype}")
     if x.ndim < 1 or x.shape[-1] % block:
         raise ValueError(f"activation K={x.shape[-1] if x.ndim else None} is not a multiple of {block}")
@@ -52,9 +52,7 @@ def _vllm_rcp(v: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(r)
 
 
-def _nvfp4_blocks(
-    x: jax.Array, global_scale: jax.Array, mode: ActivationQuant
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _nvfp4_blocks(x: jax.Array, global_scale: jax.Array, mode: ActivationQuant) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Shared core: returns (E2M1 codes ``uint8 [..., K]``, scales ``e4m3 [..., K/16]``,
     float32 per-block dequant factor ``[..., K/16]``)."""
     _check_act(x, NVFP4_BLOCK)

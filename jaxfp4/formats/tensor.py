@@ -173,8 +173,7 @@ def validate_quantized(
         raise TypeError(f"{name}: global scale must be float32, got {global_scale.dtype}")
     if tuple(global_scale.shape) != (len(partitions),):
         raise ValueError(
-            f"{name}: global scale has shape {tuple(global_scale.shape)}, expected one per partition "
-            f"({len(partitions)},)"
+            f"{name}: global scale has shape {tuple(global_scale.shape)}, expected one per partition ({len(partitions)},)"
         )
 
 

@@ -62,9 +62,7 @@ class Fp4Linear(nnx.Module):
         backend: str | None = None,
     ):
         if weight.shape != (out_features, in_features):
-            raise ValueError(
-                f"weight shape {weight.shape} != (out_features, in_features) = {(out_features, in_features)}"
-            )
+            raise ValueError(f"weight shape {weight.shape} != (out_features, in_features) = {(out_features, in_features)}")
         self.in_features = in_features
         self.out_features = out_features
         self.recipe = recipe

@@ -13,11 +13,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxfp4.formats.activations import FLOAT_ACTIVATION_DTYPES
 from jaxfp4.ops import pallas as _pallas
 from jaxfp4.ops import xla as _xla
 from jaxfp4.ops.params import Fp4LinearParams
-
-_FLOAT_ACTS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +35,7 @@ BACKENDS: dict[str, Backend] = {m.NAME: Backend(m.NAME, m.unsupported_reason, m.
 def _check_call(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None) -> None:
     if not isinstance(params, Fp4LinearParams):
         raise TypeError(f"params must be Fp4LinearParams, got {type(params).__name__}")
-    if jnp.dtype(x.dtype) not in _FLOAT_ACTS:
+    if jnp.dtype(x.dtype) not in FLOAT_ACTIVATION_DTYPES:
         raise TypeError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
     if x.ndim < 1 or x.shape[-1] != params.in_features:
         raise ValueError(f"x has shape {x.shape}; its last axis must be in_features={params.in_features}")

@@ -19,6 +19,7 @@ codes and zero scales add nothing) and sliced back. Activations must be bfloat16
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import pathlib
 from collections.abc import Iterator
@@ -26,8 +27,7 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 
-from jaxfp4.formats import MXFP4W4A8, FP4Format, fake_quantize_nvfp4_activations, quantize_fp8_static
-from jaxfp4.formats.tensor import NVFP4W4A4
+from jaxfp4.formats import MXFP4W4A8, NVFP4W4A4, FP4Format, fake_quantize_nvfp4_activations, quantize_fp8_static
 from jaxfp4.ops.params import Fp4LinearParams
 
 NAME = "pallas"
@@ -80,11 +80,21 @@ def _load_tuned() -> dict[str, list[dict]]:
 _TUNED = _load_tuned()
 
 
+def m_bucket(m: int) -> int:
+    """The row-count bucket that tuned configs are keyed by (``1 << 62``: any larger M)."""
+    return next(b for b in (16, 32, 64, 128, 256, 1 << 62) if m <= b)
+
+
+def tuned_entry(m: int, n: int, k: int, fmt: FP4Format, cfg) -> dict:
+    """One record of a tuned-config file (``kernels/bench_gemm.py`` writes them)."""
+    return dict(m_bucket=m_bucket(m), n=n, k=k, format=fmt.value, config=dataclasses.asdict(cfg))
+
+
 def choose_config(m: int, n: int, k: int, fmt: FP4Format):
     """A tuned config for (M bucket, N, K) on this device kind, else a heuristic one."""
     from jaxfp4.kernels.w4a16_triton import BlockConfig
 
-    bucket = next(b for b in (16, 32, 64, 128, 256, 1 << 62) if m <= b)
+    bucket = m_bucket(m)
     for rec in _TUNED.get(_device_kind(), []):
         if (rec["m_bucket"], rec["n"], rec["k"], rec["format"]) == (bucket, n, k, fmt.value):
             return BlockConfig(**rec["config"])

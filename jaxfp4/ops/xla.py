@@ -12,6 +12,8 @@ It follows vLLM's emulation path, with one alpha per fused partition instead of 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -48,16 +50,7 @@ def gemm_weight(w: QuantizedTensor, dtype: jnp.dtype) -> jax.Array:
     """Step 2: the dequantized ``(N, K)`` weight fed to the GEMM (multiplier form for NVFP4)."""
     if w.format is FP4Format.MXFP4 or w.global_kind is GlobalScale.MULTIPLIER:
         return dequantize(w, dtype)
-    as_mult = QuantizedTensor(
-        codes=w.codes,
-        scales=w.scales,
-        global_scale=w.global_multiplier(),
-        format=w.format,
-        shape=w.shape,
-        partitions=w.partitions,
-        global_kind=GlobalScale.MULTIPLIER,
-        negative_zero=w.negative_zero,
-    )
+    as_mult = dataclasses.replace(w, global_scale=w.global_multiplier(), global_kind=GlobalScale.MULTIPLIER)
     return dequantize(as_mult, dtype)
 
 

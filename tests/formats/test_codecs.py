@@ -67,9 +67,7 @@ def test_e2m1_special_values():
 def test_e2m1_encode_matches_ml_dtypes_on_random_values():
     rng = np.random.default_rng(0)
     x = (rng.standard_normal(1_000_000) * rng.choice([0.1, 1.0, 4.0], 1_000_000)).astype(np.float32)
-    x[:1000] = rng.choice(np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], np.float32), 1000) * rng.choice(
-        [-1, 1], 1000
-    )
+    x[:1000] = rng.choice(np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], np.float32), 1000) * rng.choice([-1, 1], 1000)
     ours = np.asarray(codecs.encode_e2m1(jnp.asarray(x)))
     ref = x.astype(ml_dtypes.float4_e2m1fn).view(np.uint8) & 0xF  # ml_dtypes: RNE, saturating
     assert np.array_equal(ours, ref)
