@@ -3,6 +3,7 @@
 The public API, curated here and pinned by ``tests/test_public_api.py``.
 """
 
+from jaxfp4.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from jaxfp4.formats import (
     MXFP4W4A8,
     MXFP4W4A16,
@@ -25,6 +26,8 @@ __all__ = [
     "NVFP4W4A4",
     "NVFP4W4A16",
     "ActivationQuant",
+    "Checkpoint",
+    "CheckpointError",
     "FP4Format",
     "Fp4LinearParams",
     "GlobalScale",
@@ -33,5 +36,6 @@ __all__ = [
     "__version__",
     "dequantize",
     "fp4_linear",
+    "load_checkpoint",
     "make_params",
 ]

@@ -180,6 +180,9 @@ def validate_quantized(
 def dequantize(q: QuantizedTensor, dtype: jnp.dtype = jnp.bfloat16) -> jax.Array:
     """The ``(N, K)`` weight in ``dtype``, bit-exact with the producer's own decompression.
 
+    ``q`` is a :class:`QuantizedTensor` or anything holding one as ``.weight`` (a layer's
+    ``Fp4LinearParams``, e.g. ``load_checkpoint(...).quantized[module]``).
+
     * NVFP4, divisor (compressed-tensors ``NVFP4PackedCompressor.decompress``):
       ``dtype(f32(q * f32(s / g)))``.
     * NVFP4, multiplier (ModelOpt ``NVFP4QTensor.dequantize``, Quark):
@@ -191,6 +194,10 @@ def dequantize(q: QuantizedTensor, dtype: jnp.dtype = jnp.bfloat16) -> jax.Array
     float32 subnormal *results* to zero, so MXFP4 values below 2**-126 (E8M0 exponent bytes 0
     and 1 only) come out as zero on CPU where torch keeps a subnormal.
     """
+    if not isinstance(q, QuantizedTensor):
+        q = getattr(q, "weight", q)
+    if not isinstance(q, QuantizedTensor):
+        raise TypeError(f"dequantize needs a QuantizedTensor or layer params holding one, got {type(q).__name__}")
     n, k = q.shape
     bs = q.block_size
     vals = codecs.decode_e2m1(codecs.unpack_nibbles(q.codes), negative_zero=q.negative_zero)
