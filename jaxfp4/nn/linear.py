@@ -85,6 +85,19 @@ class Fp4Linear(nnx.Module):
         return fp4_linear(x, self.params(), backend=self.backend)
 
     @classmethod
+    def from_params(cls, params: Fp4LinearParams, *, backend: str | None = None) -> Fp4Linear:
+        """Wrap functional params (e.g. ``load_checkpoint(...).quantized[module]``) as a layer."""
+        return cls(
+            params.in_features,
+            params.out_features,
+            weight=params.weight,
+            recipe=params.recipe,
+            input_scale=params.input_scale,
+            bias=params.bias,
+            backend=backend,
+        )
+
+    @classmethod
     def from_dense(
         cls,
         dense: nnx.Linear,

@@ -1,0 +1,316 @@
+"""A compact Llama-family decoder in Flax NNX whose linear layers are jaxfp4 layers.
+
+Built from a checkpoint directory (``config.json`` + :func:`jaxfp4.load_checkpoint`): modules the
+checkpoint stores quantized become :class:`~jaxfp4.nn.Fp4Linear` (their recipe, scales and bias as
+loaded), the rest (``lm_head``, anything on the ignore list) stay dense. The arithmetic follows HF
+transformers' ``LlamaForCausalLM`` (eager attention): RMSNorm in float32, rotary embeddings with
+``cos``/``sin`` cast to the activation dtype, softmax in float32, SiLU-gated MLP.
+
+Decoding runs with a static-shape KV cache (``[layers, batch, max_len, kv_heads, head_dim]``), one
+jit-compiled prefill + ``lax.scan`` decode loop: no recompilation per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxfp4.checkpoint import Checkpoint
+from jaxfp4.nn import Fp4Linear
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """The fields of a HF ``LlamaConfig`` the model uses."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, float], ...] | None = None  # llama3 parameters, as sorted items
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    @classmethod
+    def from_hf(cls, c: dict) -> LlamaConfig:
+        rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+        theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"rope_type {rope_type!r} is not supported (default, llama3)")
+        scaling = None
+        if rope_type == "llama3":
+            keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            scaling = tuple((k, float(rope[k])) for k in keys)
+        eos = c.get("eos_token_id")
+        heads = c["num_attention_heads"]
+        return cls(
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_hidden_layers=c["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=c.get("num_key_value_heads", heads),
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            rms_norm_eps=c.get("rms_norm_eps", 1e-5),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position_embeddings=c.get("max_position_embeddings", 4096),
+            tie_word_embeddings=c.get("tie_word_embeddings", False),
+            bos_token_id=c.get("bos_token_id"),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        )
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
+    """``1 / theta**(2i/D)`` in float32 (HF ``_compute_default_rope_parameters``), llama3-scaled if set."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    if cfg.rope_scaling is None:
+        return inv
+    p = dict(cfg.rope_scaling)
+    low_wl = p["original_max_position_embeddings"] / p["low_freq_factor"]
+    high_wl = p["original_max_position_embeddings"] / p["high_freq_factor"]
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > low_wl, inv / p["factor"], inv)
+    smooth = (p["original_max_position_embeddings"] / wavelen - p["low_freq_factor"]) / (
+        p["high_freq_factor"] - p["low_freq_factor"]
+    )
+    smoothed = (1 - smooth) * scaled / p["factor"] + smooth * scaled
+    medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+    return jnp.where(medium, smoothed, scaled)
+
+
+class DenseLinear(nnx.Module):
+    """A dense linear layer kept in PyTorch's ``(N, K)`` orientation; float32 accumulation."""
+
+    def __init__(self, weight: jax.Array, bias: jax.Array | None = None):
+        self.weight = nnx.Param(weight)
+        self.bias = None if bias is None else nnx.Param(bias)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.weight.get_value().astype(x.dtype)
+        y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias.get_value().astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+def linear_from_checkpoint(ckpt: Checkpoint, module: str, backend: str | None) -> Fp4Linear | DenseLinear:
+    """The module as stored: an :class:`Fp4Linear` if quantized, else a :class:`DenseLinear`."""
+    if module in ckpt.quantized:
+        return Fp4Linear.from_params(ckpt.quantized[module], backend=backend)
+    if module + ".weight" not in ckpt.dense:
+        raise KeyError(f"{ckpt.path}: no tensor for module {module!r} (neither quantized nor {module}.weight)")
+    return DenseLinear(ckpt.dense[module + ".weight"], ckpt.dense.get(module + ".bias"))
+
+
+class RMSNorm(nnx.Module):
+    """HF ``LlamaRMSNorm``: normalize in float32, cast back, then scale by the weight."""
+
+    def __init__(self, weight: jax.Array, eps: float):
+        self.weight = nnx.Param(weight)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return self.weight.get_value().astype(x.dtype) * h.astype(x.dtype)
+
+
+def _rotate_half(x: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values ``[layers, batch, max_len, kv_heads, head_dim]`` in the activation dtype."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def init(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype: jnp.dtype) -> KVCache:
+        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+class Attention(nnx.Module):
+    def __init__(self, ckpt: Checkpoint, prefix: str, cfg: LlamaConfig, backend: str | None):
+        self.cfg = cfg
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            linear_from_checkpoint(ckpt, f"{prefix}.{n}", backend) for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+        )
+
+    def __call__(self, x, cos, sin, k_cache, v_cache, pos):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q = self.q_proj(x).reshape(b, t, h, d)
+        k = self.k_proj(x).reshape(b, t, kvh, d)
+        v = self.v_proj(x).reshape(b, t, kvh, d)
+        c, s = cos[:, :, None, :], sin[:, :, None, :]
+        q = q * c + _rotate_half(q) * s
+        k = k * c + _rotate_half(k) * s
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, pos, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, pos, 0, 0))
+        s_len = k_cache.shape[1]
+        g = h // kvh
+        qg = q.reshape(b, t, kvh, g, d)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_cache, preferred_element_type=jnp.float32)
+        # As HF eager: the score matmul's output in the activation dtype, scaled in that dtype,
+        # then the softmax in float32.
+        scores = (scores.astype(x.dtype) * jnp.asarray(d**-0.5, x.dtype)).astype(jnp.float32)
+        q_pos = pos + jnp.arange(t)[:, None]
+        visible = jnp.arange(s_len)[None, :] <= q_pos  # causal over the cache
+        scores = jnp.where(visible, scores, -jnp.inf)
+        p = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        o = jnp.einsum("bkgts,bskd->btkgd", p, v_cache, preferred_element_type=jnp.float32).astype(x.dtype)
+        return self.o_proj(o.reshape(b, t, h * d)), k_cache, v_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, ckpt: Checkpoint, prefix: str, backend: str | None):
+        self.gate_proj, self.up_proj, self.down_proj = (
+            linear_from_checkpoint(ckpt, f"{prefix}.{n}", backend) for n in ("gate_proj", "up_proj", "down_proj")
+        )
+
+    def __call__(self, x):
+        # torch's SiLU: x / (1 + exp(-x)) in float32, rounded to the activation dtype, then the
+        # product with up_proj in that dtype (jax.nn.silu in bf16 rounds differently).
+        g = self.gate_proj(x).astype(jnp.float32)
+        act = (g / (1.0 + jnp.exp(-g))).astype(x.dtype)
+        return self.down_proj(act * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, ckpt: Checkpoint, i: int, cfg: LlamaConfig, backend: str | None):
+        p = f"model.layers.{i}"
+        self.input_layernorm = RMSNorm(ckpt.dense[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(ckpt.dense[f"{p}.post_attention_layernorm.weight"], cfg.rms_norm_eps)
+        self.self_attn = Attention(ckpt, f"{p}.self_attn", cfg, backend)
+        self.mlp = MLP(ckpt, f"{p}.mlp", backend)
+
+    def __call__(self, x, cos, sin, k_cache, v_cache, pos):
+        a, k_cache, v_cache = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, pos)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), k_cache, v_cache
+
+
+class Llama(nnx.Module):
+    """``LlamaForCausalLM`` with jaxfp4 linear layers.
+
+    ``model(tokens, pos, cache)`` runs ``tokens [B, T]`` (int32) at positions ``pos .. pos+T-1``,
+    writes their keys/values into ``cache`` and returns ``(logits [B, T, V] float32, cache)``.
+    """
+
+    def __init__(self, ckpt: Checkpoint, *, dtype: jnp.dtype = jnp.bfloat16, backend: str | None = None):
+        cfg = LlamaConfig.from_hf(ckpt.config)
+        self.cfg, self.dtype = cfg, jnp.dtype(dtype)
+        self.embed_tokens = nnx.Param(ckpt.dense["model.embed_tokens.weight"])
+        self.layers = nnx.List([Block(ckpt, i, cfg, backend) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(ckpt.dense["model.norm.weight"], cfg.rms_norm_eps)
+        if cfg.tie_word_embeddings and "lm_head.weight" not in ckpt.dense and "lm_head" not in ckpt.quantized:
+            self.lm_head = DenseLinear(ckpt.dense["model.embed_tokens.weight"])
+        else:
+            self.lm_head = linear_from_checkpoint(ckpt, "lm_head", backend)
+        self.inv_freq = nnx.Variable(rope_inv_freq(cfg))
+
+    def __call__(self, tokens: jax.Array, pos: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        x = self.embed_tokens.get_value()[tokens].astype(self.dtype)
+        positions = (pos + jnp.arange(tokens.shape[1], dtype=jnp.int32)).astype(jnp.float32)
+        freqs = positions[:, None] * self.inv_freq.get_value()[None, :]
+        emb = jnp.concatenate([freqs, freqs], axis=-1)[None]
+        cos, sin = jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer(x, cos, sin, cache.k[i], cache.v[i], pos)
+            ks.append(k)
+            vs.append(v)
+        logits = self.lm_head(self.norm(x)).astype(jnp.float32)
+        return logits, KVCache(jnp.stack(ks), jnp.stack(vs))
+
+
+def _sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None) -> jax.Array:
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_len", "temperature", "top_k", "eos_id"))
+def _generate(graphdef, state, prompt, key, *, max_new_tokens, cache_len, temperature, top_k, eos_id):
+    model = nnx.merge(graphdef, state)
+    b, t0 = prompt.shape
+    cache = KVCache.init(model.cfg, b, cache_len, model.dtype)
+    logits, cache = model(prompt, jnp.int32(0), cache)
+    key, sub = jax.random.split(key)
+    first = _sample(logits[:, -1], sub, temperature, top_k)
+    done = jnp.zeros((b,), bool) if eos_id is None else first == eos_id
+
+    def step(carry, _):
+        tok, cache, pos, key, done = carry
+        logits, cache = model(tok[:, None], pos, cache)
+        key, sub = jax.random.split(key)
+        nxt = _sample(logits[:, -1], sub, temperature, top_k)
+        if eos_id is not None:
+            nxt = jnp.where(done, eos_id, nxt)
+            done = done | (nxt == eos_id)
+        return (nxt, cache, pos + 1, key, done), nxt
+
+    carry = (first, cache, jnp.int32(t0), key, done)
+    _, rest = jax.lax.scan(step, carry, None, length=max_new_tokens - 1)
+    return jnp.concatenate([first[:, None], rest.T], axis=1), logits
+
+
+def generate(
+    model: Llama,
+    prompt: jax.Array,
+    *,
+    max_new_tokens: int,
+    key: jax.Array | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    eos_id: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Greedy (``temperature=0``) or sampled decoding, jit-compiled once per shape.
+
+    Args:
+      prompt: ``int32 [B, T]`` token ids (all rows the same length).
+      max_new_tokens: tokens to produce per row (after ``eos_id``, a row repeats ``eos_id``).
+
+    Returns:
+      ``(tokens int32 [B, max_new_tokens], prefill logits float32 [B, T, V])``.
+    """
+    prompt = jnp.asarray(prompt, jnp.int32)
+    cache_len = prompt.shape[1] + max_new_tokens
+    graphdef, state = nnx.split(model)
+    key = jax.random.key(0) if key is None else key
+    return _generate(
+        graphdef,
+        state,
+        prompt,
+        key,
+        max_new_tokens=max_new_tokens,
+        cache_len=cache_len,
+        temperature=float(temperature),
+        top_k=top_k,
+        eos_id=eos_id,
+    )

@@ -1,0 +1,99 @@
+"""End to end: the Flax Llama on real llm-compressor checkpoints vs transformers + compressed-tensors.
+
+transformers (eager attention) runs the same checkpoint, decompressed by compressed-tensors, in
+bf16; W4A4 runs compressed-tensors' activation fake-quant, so jaxfp4 loads it with
+``ActivationQuant.COMPRESSED_TENSORS``. With XLA's excess precision off (tests/conftest.py), every
+block of the model is bit-identical to transformers (checked layer by layer while writing this);
+what remains is the float32 summation order of the GEMMs (XLA vs torch), which can move a bf16
+result by one ulp and propagate. Tolerance: 2 bf16 ulps at the top of the logit range
+(``2**-7 * max|logit|``), and the same greedy tokens.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+import jaxfp4
+from jaxfp4.models import Llama, generate
+from jaxfp4.models.llama import _generate
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures")
+PROMPT_LEN, NEW = 12, 10
+
+
+def _prompt(seed: int) -> torch.Tensor:
+    return torch.randint(4, 256, (2, PROMPT_LEN), generator=torch.Generator().manual_seed(seed))
+
+
+def _hf(name: str):
+    return AutoModelForCausalLM.from_pretrained(
+        os.path.join(FIXTURES, name),
+        dtype=torch.bfloat16,
+        quantization_config=CompressedTensorsConfig(run_compressed=False),
+        attn_implementation="eager",
+    )
+
+
+@pytest.mark.parametrize("name", ["ct-nvfp4a16", "ct-nvfp4", "ct-mxfp4a16"])
+@pytest.mark.parametrize("seed", [3, 4])
+def test_logits_and_greedy_tokens_match_transformers(name, seed):
+    ids = _prompt(seed)
+    hf = _hf(name)
+    with torch.no_grad():
+        ref = hf(ids).logits.float().numpy()
+        ref_tokens = hf.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=3)[:, PROMPT_LEN:].numpy()
+    ck = jaxfp4.load_checkpoint(os.path.join(FIXTURES, name), activation_mode=jaxfp4.ActivationQuant.COMPRESSED_TENSORS)
+    tokens, logits = generate(Llama(ck, dtype=jnp.bfloat16), jnp.asarray(ids.numpy()), max_new_tokens=NEW)
+    tol = 2.0**-7 * np.abs(ref).max()
+    np.testing.assert_allclose(np.asarray(logits), ref, rtol=0, atol=tol)
+    np.testing.assert_array_equal(np.asarray(tokens), ref_tokens)
+
+
+def test_decode_loop_compiles_once_and_cache_matches_full_recompute():
+    ck = jaxfp4.load_checkpoint(os.path.join(FIXTURES, "ct-nvfp4a16"))
+    model = Llama(ck, dtype=jnp.float32)
+    prompt = jnp.asarray(_prompt(5).numpy())
+    before = _generate._cache_size()
+    tokens, _ = generate(model, prompt, max_new_tokens=6)
+    generate(model, prompt + 1, max_new_tokens=6)
+    assert _generate._cache_size() == before + 1  # one compilation for both calls, not one per token
+    # The KV-cache decode equals re-running the whole sequence without a cache (greedy), in f32.
+    seq = jnp.concatenate([prompt, tokens[:, :-1]], axis=1)
+    from jaxfp4.models.llama import KVCache
+
+    full, _ = model(seq, jnp.int32(0), KVCache.init(model.cfg, 2, seq.shape[1], jnp.float32))
+    np.testing.assert_array_equal(np.asarray(jnp.argmax(full[:, PROMPT_LEN - 1 :], -1)), np.asarray(tokens))
+
+
+def test_sampling_is_keyed_and_respects_top_k():
+    ck = jaxfp4.load_checkpoint(os.path.join(FIXTURES, "ct-mxfp4a16"))
+    model = Llama(ck, dtype=jnp.bfloat16)
+    prompt = jnp.asarray(_prompt(6).numpy())
+    a, _ = generate(model, prompt, max_new_tokens=8, temperature=1.0, key=jax.random.key(1))
+    b, _ = generate(model, prompt, max_new_tokens=8, temperature=1.0, key=jax.random.key(1))
+    c, _ = generate(model, prompt, max_new_tokens=8, temperature=1.0, key=jax.random.key(2))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+    greedy, _ = generate(model, prompt, max_new_tokens=8)
+    top1, _ = generate(model, prompt, max_new_tokens=8, temperature=1.0, top_k=1, key=jax.random.key(3))
+    np.testing.assert_array_equal(np.asarray(top1), np.asarray(greedy))
+
+
+def test_eos_stops_a_row():
+    ck = jaxfp4.load_checkpoint(os.path.join(FIXTURES, "ct-nvfp4a16"))
+    model = Llama(ck, dtype=jnp.bfloat16)
+    prompt = jnp.asarray(_prompt(3).numpy())
+    greedy, _ = generate(model, prompt, max_new_tokens=6)
+    eos = int(greedy[0, 2])
+    stopped, _ = generate(model, prompt, max_new_tokens=6, eos_id=eos)
+    row = np.asarray(stopped[0])
+    first = int(np.argmax(row == eos))
+    assert (row[first:] == eos).all()
+    np.testing.assert_array_equal(row[: first + 1], np.asarray(greedy[0, : first + 1]))
