@@ -1,0 +1,207 @@
+"""End-to-end benchmark: a Llama-3-8B-shaped model with random NVFP4 W4A16 weights vs its bf16 twin.
+
+Nothing is downloaded: weights are random (codes, E4M3 scales and the global divisor drawn on the
+device), which changes no timing. Measured in the same run, on the same device:
+
+* decode tokens/s at batch 1 and 16: one jit of ``STEPS`` decode steps (``lax.scan``) after a
+  prompt, timed as a whole (per-token GPU work; no Python dispatch per token);
+* prefill tokens/s at 2048 tokens, batch 1.
+
+    python kernels/bench_llama.py --out kernels/results            # on the GPU machine
+    python kernels/bench_llama.py --layers 2 --vocab 1024 --out /tmp # a quick smoke run (CPU too)
+
+Writes ``llama-<device>.json`` (``{"device", "config", "records": [{"model": "bf16" | "nvfp4_w4a16",
+"phase": "decode" | "prefill", "batch", "tokens", "seconds", "tokens_per_s"}]}``) and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import jaxfp4
+from jaxfp4.checkpoint import Checkpoint, LoadReport
+from jaxfp4.formats import FP4Format, GlobalScale, QuantizedTensor
+from jaxfp4.models.llama import KVCache, Llama
+
+LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+def llama3_8b(layers: int, vocab: int) -> dict:
+    return dict(
+        vocab_size=vocab,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+    )
+
+
+def shapes(cfg: dict) -> dict[str, tuple[int, int]]:
+    h, i, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
+    return {
+        "self_attn.q_proj": (q, h),
+        "self_attn.k_proj": (kv, h),
+        "self_attn.v_proj": (kv, h),
+        "self_attn.o_proj": (h, q),
+        "mlp.gate_proj": (i, h),
+        "mlp.up_proj": (i, h),
+        "mlp.down_proj": (h, i),
+    }
+
+
+def random_checkpoint(cfg: dict, fp4: bool, seed: int = 0) -> Checkpoint:
+    key = jax.random.key(seed)
+    dense, quantized = {}, {}
+
+    def nxt():
+        nonlocal key
+        key, sub = jax.random.split(key)
+        return sub
+
+    def bf16(*shape):
+        return (jax.random.normal(nxt(), shape, jnp.float32) * 0.02).astype(jnp.bfloat16)
+
+    h, v = cfg["hidden_size"], cfg["vocab_size"]
+    dense["model.embed_tokens.weight"] = bf16(v, h)
+    dense["lm_head.weight"] = bf16(v, h)
+    dense["model.norm.weight"] = jnp.ones((h,), jnp.bfloat16)
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}"
+        dense[f"{p}.input_layernorm.weight"] = jnp.ones((h,), jnp.bfloat16)
+        dense[f"{p}.post_attention_layernorm.weight"] = jnp.ones((h,), jnp.bfloat16)
+        for name, (n, k) in shapes(cfg).items():
+            if not fp4:
+                dense[f"{p}.{name}.weight"] = bf16(n, k)
+                continue
+            codes = jax.random.randint(nxt(), (n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8)
+            scales = jax.random.uniform(nxt(), (n, k // 16), jnp.float32, 0.5, 2.0).astype(jnp.float8_e4m3fn)
+            w = QuantizedTensor(
+                codes, scales, jnp.full((1,), 2688.0, jnp.float32), FP4Format.NVFP4, (n, k), (n,), GlobalScale.DIVISOR
+            )
+            quantized[f"{p}.{name}"] = jaxfp4.make_params(w, jaxfp4.NVFP4W4A16())
+    return Checkpoint(
+        "random", cfg, "random", "random NVFP4 W4A16" if fp4 else "random bf16", quantized, dense, LoadReport()
+    )
+
+
+def timed(fn, *args, reps: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile + warm up
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def bench_model(model: Llama, name: str, args) -> list[dict]:
+    graphdef, state = nnx.split(model)
+    cfg = model.cfg
+
+    @jax.jit
+    def prefill(state, tokens):
+        m = nnx.merge(graphdef, state)
+        cache = KVCache.init(cfg, tokens.shape[0], tokens.shape[1], m.dtype)
+        logits, _ = m(tokens, jnp.int32(0), cache)
+        return logits[:, -1]
+
+    @jax.jit
+    def decode(state, cache, tok, pos):
+        m = nnx.merge(graphdef, state)
+
+        def step(carry, _):
+            tok, cache, pos = carry
+            logits, cache = m(tok[:, None], pos, cache)
+            return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache, pos + 1), None
+
+        (tok, cache, pos), _ = jax.lax.scan(step, (tok, cache, pos), None, length=args.steps)
+        return tok
+
+    out = []
+    ptoks = jnp.ones((1, args.prefill), jnp.int32)
+    s = timed(prefill, state, ptoks, reps=args.reps)
+    out.append(dict(model=name, phase="prefill", batch=1, tokens=args.prefill, seconds=s, tokens_per_s=args.prefill / s))
+    print(out[-1], flush=True)
+    for b in (1, 16):
+        cache = KVCache.init(cfg, b, args.context + args.steps, model.dtype)
+        s = timed(decode, state, cache, jnp.ones((b,), jnp.int32), jnp.int32(args.context), reps=args.reps)
+        out.append(
+            dict(model=name, phase="decode", batch=b, tokens=b * args.steps, seconds=s, tokens_per_s=b * args.steps / s)
+        )
+        print(out[-1], flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--context", type=int, default=128, help="decode starts at this position (cache pre-filled length)")
+    ap.add_argument("--steps", type=int, default=64, help="decode steps per timed call")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--backend", default=None)
+    ap.add_argument("--out", default="kernels/results")
+    args = ap.parse_args()
+    cfg = llama3_8b(args.layers, args.vocab)
+    device = jax.devices()[0].device_kind
+    records = []
+    for fp4 in (False, True):
+        ckpt = random_checkpoint(cfg, fp4)
+        model = Llama(ckpt, dtype=jnp.bfloat16, backend=args.backend)
+        records += bench_model(model, "nvfp4_w4a16" if fp4 else "bf16", args)
+        del model, ckpt
+    os.makedirs(args.out, exist_ok=True)
+    tag = device.replace(" ", "_")
+    result = {"device": device, "jax": jax.__version__, "config": cfg, "args": vars(args), "records": records}
+    with open(os.path.join(args.out, f"llama-{tag}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        labels = [f"{r['phase']} b{r['batch']}" for r in records if r["model"] == "bf16"]
+        base = [r["tokens_per_s"] for r in records if r["model"] == "bf16"]
+        fp4 = [r["tokens_per_s"] for r in records if r["model"] == "nvfp4_w4a16"]
+        x = np.arange(len(labels))
+        plt.figure(figsize=(7, 4))
+        plt.bar(x - 0.2, base, 0.4, label="bf16")
+        plt.bar(x + 0.2, fp4, 0.4, label="NVFP4 W4A16 (jaxfp4)")
+        plt.xticks(x, labels)
+        plt.yscale("log")
+        plt.ylabel("tokens/s")
+        plt.title(f"Llama-3-8B shape, {args.layers} layers, {device}")
+        plt.legend()
+        plt.tight_layout()
+        plt.savefig(os.path.join(args.out, f"llama-{tag}.png"), dpi=120)
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    main()
