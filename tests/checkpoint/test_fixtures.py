@@ -195,3 +195,42 @@ def test_loaded_params_run_through_fp4_linear():
     # Same exact products; only the fp32 summation order may differ (K=128 terms, far below
     # bf16's resolution) before the bf16 rounding of y: within one bf16 ulp (2^-8 relative).
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=2**-8, atol=1e-6)
+
+
+FUSED = [
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.down_proj",),
+]
+
+
+@pytest.mark.parametrize(
+    "name,encode",
+    [
+        ("modelopt-nvfp4", jaxfp4.formats.quantize_nvfp4_modelopt),
+        ("ct-nvfp4a16", jaxfp4.formats.quantize_nvfp4_llmcompressor),
+        (
+            "ct-mxfp4a16",
+            lambda w: jaxfp4.formats.quantize_mxfp4_llmcompressor(jax.numpy.concatenate(w) if isinstance(w, list) else w),
+        ),
+    ],
+)
+def test_encoders_reproduce_producer_bytes(name, encode):
+    """From the original bf16 weights (references/base-linears.safetensors), our encoders write the
+    bytes the real tool wrote: codes, block scales and (shared per fused group) global scales."""
+    base = SafetensorsFile(os.path.join(FIXTURES, "references", "base-linears.safetensors"))
+    ck = jaxfp4.load_checkpoint(fixture(name))
+    for layer in range(2):
+        for group in FUSED:
+            mods = [f"model.layers.{layer}.{g}" for g in group]
+            ws = [jax.numpy.asarray(np.asarray(base.read(m))) for m in mods]
+            q = encode(ws if len(ws) > 1 else ws[0])
+            loaded = [ck.quantized[m].weight for m in mods]
+            np.testing.assert_array_equal(np.asarray(q.codes), np.concatenate([np.asarray(w.codes) for w in loaded]))
+            np.testing.assert_array_equal(
+                bits(np.asarray(q.scales)), np.concatenate([bits(np.asarray(w.scales)) for w in loaded])
+            )
+            if q.global_scale is not None:
+                want = np.concatenate([np.asarray(w.global_scale) for w in loaded])
+                np.testing.assert_array_equal(np.asarray(q.global_scale), want)
