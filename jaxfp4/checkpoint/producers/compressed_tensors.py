@@ -7,6 +7,8 @@ a **divisor** (~ 448*6/amax); W4A4 also ``input_global_scale`` F32 ``[1]``, a di
 
 from __future__ import annotations
 
+import dataclasses
+
 from jaxfp4.checkpoint.errors import CheckpointError
 from jaxfp4.checkpoint.layouts import Group, Layout, Plan, everything, exact_or_regex
 from jaxfp4.formats import MXFP4W4A16, NVFP4W4A4, NVFP4W4A16, ActivationQuant, FP4Format, GlobalScale
@@ -21,9 +23,7 @@ NVFP4_LAYOUT = Layout(
     global_scale="weight_global_scale",
     global_kind=GlobalScale.DIVISOR,
 )
-NVFP4_W4A4_LAYOUT = Layout(
-    **{**NVFP4_LAYOUT.__dict__, "input_scale": "input_global_scale", "input_kind": GlobalScale.DIVISOR}
-)
+NVFP4_W4A4_LAYOUT = dataclasses.replace(NVFP4_LAYOUT, input_scale="input_global_scale", input_kind=GlobalScale.DIVISOR)
 MXFP4_LAYOUT = Layout(producer=NAME, format=FP4Format.MXFP4, codes="weight_packed", scales="weight_scale")
 
 

@@ -9,6 +9,8 @@ own decoder gives +0.0 for code 8 (``negative_zero=False``).
 
 from __future__ import annotations
 
+import dataclasses
+
 from jaxfp4.checkpoint.errors import CheckpointError
 from jaxfp4.checkpoint.layouts import Group, Layout, Plan, everything, globs
 from jaxfp4.formats import NVFP4W4A4, NVFP4W4A16, ActivationQuant, FP4Format, GlobalScale
@@ -24,7 +26,7 @@ W4A16_LAYOUT = Layout(
     global_kind=GlobalScale.MULTIPLIER,
     negative_zero=False,
 )
-W4A4_LAYOUT = Layout(**{**W4A16_LAYOUT.__dict__, "input_scale": "input_scale", "input_kind": GlobalScale.MULTIPLIER})
+W4A4_LAYOUT = dataclasses.replace(W4A16_LAYOUT, input_scale="input_scale", input_kind=GlobalScale.MULTIPLIER)
 
 
 def _quant(config: dict, hf_quant: dict | None) -> dict:

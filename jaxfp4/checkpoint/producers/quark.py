@@ -9,6 +9,8 @@ entries are exact names or ``re:`` regexes (vLLM's ``should_ignore_layer``).
 
 from __future__ import annotations
 
+import dataclasses
+
 from jaxfp4.checkpoint.errors import CheckpointError
 from jaxfp4.checkpoint.layouts import Group, Layout, Plan, everything, exact_or_regex
 from jaxfp4.formats import MXFP4W4A8, MXFP4W4A16, NVFP4W4A4, NVFP4W4A16, ActivationQuant, FP4Format, GlobalScale
@@ -23,17 +25,10 @@ NVFP4_W4A16_LAYOUT = Layout(
     global_scale="weight_scale_2",
     global_kind=GlobalScale.MULTIPLIER,
 )
-NVFP4_LAYOUT = Layout(
-    **{**NVFP4_W4A16_LAYOUT.__dict__, "input_scale": "input_scale_2", "input_kind": GlobalScale.MULTIPLIER}
-)
+NVFP4_LAYOUT = dataclasses.replace(NVFP4_W4A16_LAYOUT, input_scale="input_scale_2", input_kind=GlobalScale.MULTIPLIER)
 MXFP4_LAYOUT = Layout(producer=NAME, format=FP4Format.MXFP4, codes="weight", scales="weight_scale")
-MXFP4_FP8_LAYOUT = Layout(
-    **{
-        **MXFP4_LAYOUT.__dict__,
-        "input_scale": "input_scale",
-        "input_kind": GlobalScale.MULTIPLIER,
-        "input_dtypes": ("BF16", "F16", "F32"),
-    }
+MXFP4_FP8_LAYOUT = dataclasses.replace(
+    MXFP4_LAYOUT, input_scale="input_scale", input_kind=GlobalScale.MULTIPLIER, input_dtypes=("BF16", "F16", "F32")
 )
 
 
