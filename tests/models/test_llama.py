@@ -97,3 +97,25 @@ def test_eos_stops_a_row():
     first = int(np.argmax(row == eos))
     assert (row[first:] == eos).all()
     np.testing.assert_array_equal(row[: first + 1], np.asarray(greedy[0, : first + 1]))
+
+
+@pytest.mark.parametrize("name", ["ct-nvfp4", "ct-nvfp4a16"])
+def test_every_linear_equals_transformers_on_its_captured_input(name):
+    """Layer level, per scheme: each quantized Linear's input and output captured inside
+    transformers + compressed-tensors (bf16, W4A4 with CT's activation fake-quant); jaxfp4's
+    ``fp4_linear`` on the same input gives the same bf16 output, bit for bit (observed; both
+    accumulate the K<=128 products in float32)."""
+    from tests.torch_bridge import bits, to_np
+
+    hf = _hf(name)
+    captured = {}
+    for mod_name, mod in hf.named_modules():
+        if isinstance(mod, torch.nn.Linear) and mod_name != "lm_head":
+            mod.register_forward_hook(lambda m, i, o, n=mod_name: captured.__setitem__(n, (i[0].clone(), o.clone())))
+    with torch.no_grad():
+        hf(_prompt(3))
+    ck = jaxfp4.load_checkpoint(os.path.join(FIXTURES, name), activation_mode=jaxfp4.ActivationQuant.COMPRESSED_TENSORS)
+    assert sorted(captured) == sorted(ck.quantized)
+    for mod_name, (x, y) in captured.items():
+        got = jaxfp4.fp4_linear(jnp.asarray(to_np(x)), ck.quantized[mod_name], backend="xla")
+        np.testing.assert_array_equal(bits(np.asarray(got)), bits(to_np(y)), err_msg=mod_name)
