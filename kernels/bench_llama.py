@@ -32,16 +32,6 @@ from jaxfp4.checkpoint import Checkpoint, LoadReport
 from jaxfp4.formats import FP4Format, GlobalScale, QuantizedTensor
 from jaxfp4.models.llama import KVCache, Llama
 
-LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
-
 
 def llama3_8b(layers: int, vocab: int) -> dict:
     return dict(

@@ -75,8 +75,6 @@ class Plan:
     """What a producer's config says about the checkpoint.
 
     ``groups`` are tried in order; ``ignored(module)`` is true for modules the config keeps dense.
-    ``foreign_suffixes``: suffixes that only other producers use (a tensor with one of them means
-    two conventions are mixed).
     """
 
     producer: str
@@ -105,11 +103,7 @@ QUANT_SUFFIXES = (
 
 
 def exact_or_regex(patterns: Sequence[str]) -> Callable[[str], bool]:
-    """compressed-tensors / Quark matching: ``re:<regex>`` (``re.match``, as vLLM does) or exact name.
-
-    compressed-tensors also matches a pattern against the last components of the name
-    (``"lm_head"`` matches ``"lm_head"`` only; ``"re:.*lm_head"`` any ``*.lm_head``).
-    """
+    """compressed-tensors / Quark matching: ``re:<regex>`` (``re.match``, as vLLM does) or the exact module name."""
     regexes = [re.compile(p[3:]) for p in patterns if p.startswith("re:")]
     names = {p for p in patterns if not p.startswith("re:")}
 

@@ -201,22 +201,16 @@ def _discover(
     for name in candidates:
         group = plan.group_for(name)
         lay = group.layout if group else next(iter(layouts))
-        keys = [lay.key(name, s) for s in lay.roles().values() if lay.key(name, s) in where]
+        present = {role: lay.key(name, s) for role, s in lay.roles().items() if lay.key(name, s) in where}
+        consumed.update(present.values())
         if plan.ignored(name):
-            for k in keys:
-                report.mismatched.append(
-                    (where[k][0].path, k, f"module {name!r} is in the config's ignore list but stored quantized")
-                )
-            consumed.update(keys)
+            problem = f"module {name!r} is in the config's ignore list but stored quantized"
+        elif group is None:
+            problem = f"module {name!r} matches no config group"
+        else:
+            modules.append(_Module(name, group, {role: where[k] for role, k in present.items()}))
             continue
-        if group is None:
-            for k in keys:
-                report.mismatched.append((where[k][0].path, k, f"module {name!r} matches no config group"))
-            consumed.update(keys)
-            continue
-        tensors = {role: where[lay.key(name, s)] for role, s in lay.roles().items() if lay.key(name, s) in where}
-        consumed.update(lay.key(name, s) for s in lay.roles().values() if lay.key(name, s) in where)
-        modules.append(_Module(name, group, tensors))
+        report.mismatched.extend((where[k][0].path, k, problem) for k in present.values())
     return modules, consumed
 
 
@@ -224,9 +218,7 @@ def _check_shapes(m: _Module, report: LoadReport) -> None:
     """Phase 1 for one module: presence, dtypes and shapes, from the headers alone."""
     lay: Layout = m.group.layout
     bs = lay.format.block_size
-    needed = (
-        ["codes", "scales"] + (["global_scale"] if lay.global_scale else []) + (["input_scale"] if lay.input_scale else [])
-    )
+    needed = [role for role in lay.roles() if role != "bias"]
     any_file = next(iter(m.tensors.values()))[0].path
     bad = lambda role, why: report.mismatched.append((m.tensors[role][0].path, m.tensors[role][1].name, why))
     for role in needed:
@@ -243,7 +235,6 @@ def _check_shapes(m: _Module, report: LoadReport) -> None:
     codes = m.tensors["codes"][1]
     if codes.dtype != "U8":
         return bad("codes", f"packed E2M1 codes must be U8, got {codes.dtype}")
-    lead = 1 if lay.experts else 0
     if lay.experts:
         if len(codes.shape) != 4 or codes.shape[3] != bs // 2:
             return bad("codes", f"gpt-oss blocks must be [E, N, K/{bs}, {bs // 2}], got {list(codes.shape)}")
@@ -254,7 +245,7 @@ def _check_shapes(m: _Module, report: LoadReport) -> None:
         m.n, m.k = codes.shape[0], codes.shape[1] * 2
     if m.k % bs:
         return bad("codes", f"K={m.k} is not a multiple of the {lay.format.value} block ({bs})")
-    lead_shape = (m.experts,) if lead else ()
+    lead_shape = (m.experts,) if lay.experts else ()
     scales = m.tensors["scales"][1]
     if scales.dtype not in lay.scale_dtypes:
         bad("scales", f"{lay.format.value} block scales must be {' or '.join(lay.scale_dtypes)}, got {scales.dtype}")

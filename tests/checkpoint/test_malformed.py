@@ -135,14 +135,12 @@ def test_header_offsets_lie_about_size(tmp_path):
 
 def test_header_offsets_overlap(tmp_path):
     ck = copy_fixture("ct-nvfp4a16", tmp_path)
-    names = []
 
     def patch(h):
         a, b = sorted((k for k in h if h[k]["dtype"] == "U8"), key=lambda k: h[k]["data_offsets"][0])[:2]
         size_b = h[b]["data_offsets"][1] - h[b]["data_offsets"][0]
         start = h[a]["data_offsets"][0]
         h[b]["data_offsets"] = [start, start + size_b]
-        names.append(b)
 
     p = edit_tensors(ck, lambda t: None, header_patch=patch)
     expect_error(ck, file=p, match="overlap")
