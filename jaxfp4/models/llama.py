@@ -156,7 +156,7 @@ class Attention(nnx.Module):
             linear_from_checkpoint(ckpt, f"{prefix}.{n}", backend) for n in ("q_proj", "k_proj", "v_proj", "o_proj")
         )
 
-    def __call__(self, x, cos, sin, k_cache, v_cache, pos):
+    def __call__(self, x, cos, sin, cache: KVCache, layer: int, pos):
         cfg = self.cfg
         b, t, _ = x.shape
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -166,8 +166,14 @@ class Attention(nnx.Module):
         c, s = cos[:, :, None, :], sin[:, :, None, :]
         q = q * c + _rotate_half(q) * s
         k = k * c + _rotate_half(k) * s
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, pos, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, pos, 0, 0))
+        # Written in place into the whole cache (no per-layer slice re-stacked: that copies the
+        # full cache every decode step).
+        at = (layer, 0, pos, 0, 0)
+        cache = KVCache(
+            jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype)[None], at),
+            jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype)[None], at),
+        )
+        k_cache, v_cache = cache.k[layer], cache.v[layer]
         s_len = k_cache.shape[1]
         g = h // kvh
         qg = q.reshape(b, t, kvh, g, d)
@@ -180,7 +186,7 @@ class Attention(nnx.Module):
         scores = jnp.where(visible, scores, -jnp.inf)
         p = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         o = jnp.einsum("bkgts,bskd->btkgd", p, v_cache, preferred_element_type=jnp.float32).astype(x.dtype)
-        return self.o_proj(o.reshape(b, t, h * d)), k_cache, v_cache
+        return self.o_proj(o.reshape(b, t, h * d)), cache
 
 
 class MLP(nnx.Module):
@@ -205,10 +211,10 @@ class Block(nnx.Module):
         self.self_attn = Attention(ckpt, f"{p}.self_attn", cfg, backend)
         self.mlp = MLP(ckpt, f"{p}.mlp", backend)
 
-    def __call__(self, x, cos, sin, k_cache, v_cache, pos):
-        a, k_cache, v_cache = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, pos)
+    def __call__(self, x, cos, sin, cache: KVCache, layer: int, pos):
+        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, pos)
         x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), k_cache, v_cache
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 class Llama(nnx.Module):
@@ -236,13 +242,10 @@ class Llama(nnx.Module):
         freqs = positions[:, None] * self.inv_freq.get_value()[None, :]
         emb = jnp.concatenate([freqs, freqs], axis=-1)[None]
         cos, sin = jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
-        ks, vs = [], []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, cache.k[i], cache.v[i], pos)
-            ks.append(k)
-            vs.append(v)
+            x, cache = layer(x, cos, sin, cache, i, pos)
         logits = self.lm_head(self.norm(x)).astype(jnp.float32)
-        return logits, KVCache(jnp.stack(ks), jnp.stack(vs))
+        return logits, cache
 
 
 def _sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None) -> jax.Array:
