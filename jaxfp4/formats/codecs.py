@@ -46,6 +46,29 @@ def div_exact(a: jax.Array, b: jax.Array) -> jax.Array:
     return a / jax.lax.optimization_barrier(b)
 
 
+def round_to(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Round float32 ``x`` to ``dtype`` (RNE) and return it as float32: torch's op-in-dtype rounding.
+
+    ``x.astype(dtype).astype(float32)`` is not enough under jit: XLA:CPU's YNN (XNNPACK) fusions
+    drop the pair even with ``--xla_allow_excess_precision=false`` (seen: ``amax / 6`` rounded to
+    bf16 inside a block-max fusion came out unrounded in 65% of blocks). ``reduce_precision`` is an
+    explicit HLO op no pass removes; it flushes float16 subnormals, so those (|x| < 2**-14) are
+    rounded on the subnormal grid (multiples of 2**-24) with an exact power-of-two rescale.
+    Overflow gives +-inf and NaN stays NaN, as the cast does.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    dt = jnp.dtype(dtype)
+    if dt == jnp.float32:
+        return x
+    if dt == jnp.bfloat16:
+        return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7)
+    if dt == jnp.float16:
+        normal = jax.lax.reduce_precision(x, exponent_bits=5, mantissa_bits=10)
+        sub = jnp.round(x * jnp.float32(2.0**24)) * jnp.float32(2.0**-24)
+        return jnp.where(jnp.abs(x) < jnp.float32(2.0**-14), sub, normal)
+    raise TypeError(f"round_to: unsupported dtype {dt}")
+
+
 def decode_e2m1(codes: jax.Array, *, negative_zero: bool = True) -> jax.Array:
     """E2M1 codes (any unsigned int dtype, values 0..15) -> float32 values, exactly.
 

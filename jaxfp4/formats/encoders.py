@@ -41,7 +41,7 @@ def _check_weight(w: jax.Array, block: int) -> None:
 
 def _rnd(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """Round float32 ``x`` to ``dtype`` and back (torch's op-in-dtype rounding)."""
-    return x.astype(dtype).astype(jnp.float32)
+    return codecs.round_to(x, dtype)
 
 
 def _group_amax(wf: jax.Array, block: int) -> jax.Array:

@@ -58,15 +58,7 @@ def test_nvfp4_activation_quant_matches_vllm_ref(g, dtype):
     assert np.array_equal(np.asarray(dq).astype(np.float32), to_np(ref_dq).astype(np.float32))
 
 
-JIT_REWRITE = pytest.mark.xfail(
-    strict=False,
-    reason="open bug: under jax.jit, XLA:CPU re-associates part of vLLM's reciprocal arithmetic "
-    "(seen: 31 of 16384 elements differ at g=400, and at g=5); eager is bit-exact (test above)",
-)
-
-
-@JIT_REWRITE
-@pytest.mark.parametrize("g", [644.0, 5.0])
+@pytest.mark.parametrize("g", [644.0, 400.0, 5.0])
 def test_nvfp4_activation_quant_vllm_mode_under_jit(g):
     x = _acts(int(g), 256, 256, torch.bfloat16)
     ref_dq = vllm_ref.ref_nvfp4_quant_dequant(x, torch.tensor([g], dtype=torch.float32), 16)
