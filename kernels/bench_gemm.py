@@ -12,6 +12,7 @@ Writes ``$OUT/gemm-<device>.json`` ({"device", "records": [{scheme, M, K, N, bac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -54,26 +55,36 @@ def time_op(op, x, ws, reps: int = 7) -> float:
     return float(np.median(ts)) / len(ws) * 1e6
 
 
-def candidates(m: int, n: int, k: int) -> list[BlockConfig]:
+def candidates(m: int, n: int, k: int, fmt: FP4Format) -> list[BlockConfig]:
+    """A short list per M bucket, from the variant sweep of ``tune_w4a16.py`` (tune-*.json):
+    register-built bf16 nibbles (``bits``/``asm``) beat the float32 decode everywhere, the
+    plain orientation beats ``swap`` at most shapes; M=1 also tries the CUDA-core GEMV."""
     split = pallas_backend.default_split
-    if m <= 16:
-        return [
-            BlockConfig(16, 64, 256, split(n, k, 64, 256), 4, 3),
-            BlockConfig(16, 128, 256, split(n, k, 128, 256), 4, 3),
-            BlockConfig(16, 64, 512, split(n, k, 64, 512), 4, 3),
-            BlockConfig(16, 32, 512, split(n, k, 32, 512), 2, 4),
+    if m == 1:
+        cands = [
+            BlockConfig(16, 128, 512, split(n, k, 128, 512), 8, 3, dequant="asm"),
+            BlockConfig(1, 64, 256, split(n, k, 64, 256), 4, 3, dequant="asm", mma=False),
+            BlockConfig(1, 128, 128, split(n, k, 128, 128), 4, 4, dequant="asm", mma=False),
         ]
-    if m <= 128:
-        return [
-            BlockConfig(128, 128, 64, 1, 8, 3),
-            BlockConfig(64, 128, 128, split(n, k, 128, 128, 132), 4, 3),
-            BlockConfig(128, 64, 128, split(n, k, 64, 128, 132), 4, 3),
+    elif m <= 16:
+        cands = [
+            BlockConfig(16, 64, 256, split(n, k, 64, 256), 4, 3, dequant="bits"),
+            BlockConfig(16, 64, 512, split(n, k, 64, 512), 4, 4, dequant="asm"),
+            BlockConfig(16, 128, 512, split(n, k, 128, 512), 8, 3, dequant="asm"),
         ]
-    return [
-        BlockConfig(128, 128, 64, 1, 8, 3),
-        BlockConfig(128, 256, 64, 1, 8, 3),
-        BlockConfig(128, 128, 32, 1, 4, 4),
-    ]
+    elif m <= 256:
+        cands = [
+            BlockConfig(128, 64, 128, split(n, k, 64, 128, 132), 4, 3, dequant="bits"),
+            BlockConfig(64, 128, 128, split(n, k, 128, 128, 132), 4, 3, dequant="asm"),
+            BlockConfig(128, 64, 128, split(n, k, 64, 128, 132), 4, 3, dequant="asm"),
+        ]
+    else:
+        cands = [
+            BlockConfig(128, 128, 64, 1, 8, 3, dequant="bits"),
+            BlockConfig(128, 256, 64, 1, 8, 3, dequant="asm"),
+            BlockConfig(128, 128, 64, 1, 8, 3, dequant="asm"),
+        ]
+    return cands if fmt is FP4Format.NVFP4 else cands[:1]
 
 
 def main() -> None:
@@ -99,7 +110,7 @@ def main() -> None:
                 xla = time_op(lambda x, p: jaxfp4.fp4_linear(x, p, backend="xla"), x, ps)
                 records.append({**rec, "backend": "xla", "us": xla})
                 fmt = ps[0].weight.format
-                cands = candidates(m, n, k) if time.time() - t_start < BUDGET_S else [None]
+                cands = candidates(m, n, k, fmt) if time.time() - t_start < BUDGET_S else [None]
                 best = None
                 for cfg in cands:
                     pallas_backend._TUNED.pop(device, None)
@@ -114,9 +125,9 @@ def main() -> None:
                     if best is None or us < best[0]:
                         best = (us, cfg)
                 pallas_backend._TUNED.pop(device, None)
-                records.append({**rec, "backend": "pallas", "us": best[0]})
+                chosen = None if best[1] is None else dataclasses.asdict(best[1])
+                records.append({**rec, "backend": "pallas", "us": best[0], "config": chosen})
                 if best[1] is not None:
-                    # M=1 and M=16 share a bucket: the first measured keeps it (choose_config reads the first).
                     entry = pallas_backend.tuned_entry(m, n, k, fmt, best[1])
                     tuned.setdefault((entry["m_bucket"], n, k, fmt.value), entry)
                 print(

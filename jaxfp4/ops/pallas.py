@@ -82,7 +82,7 @@ _TUNED = _load_tuned()
 
 def m_bucket(m: int) -> int:
     """The row-count bucket that tuned configs are keyed by (``1 << 62``: any larger M)."""
-    return next(b for b in (16, 32, 64, 128, 256, 1 << 62) if m <= b)
+    return next(b for b in (1, 16, 32, 64, 128, 256, 1 << 62) if m <= b)
 
 
 def tuned_entry(m: int, n: int, k: int, fmt: FP4Format, cfg) -> dict:
@@ -114,7 +114,7 @@ def default_split(n: int, k: int, bn: int, bk: int, programs: int = 264) -> int:
 
 
 def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None) -> jax.Array:
-    from jaxfp4.kernels.w4a16_triton import fp4_matmul_partials
+    from jaxfp4.kernels.w4a16_triton import epilogue_exponent, fp4_matmul_partials
 
     w = params.weight
     r = params.recipe
@@ -139,7 +139,9 @@ def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None) -> ja
         codes = jnp.pad(codes, ((0, np_ - w.n), (0, (kp - w.k) // 2)))
         scales = jnp.pad(scales, ((0, np_ - w.n), (0, (kp - w.k) // bs)))
     x2 = jnp.pad(x2, ((0, mp - m), (0, kp - w.k))) if (mp, kp) != (m, w.k) else x2
-    parts = fp4_matmul_partials(x2, codes, scales, cfg=cfg, mx=w.format is FP4Format.MXFP4, interpret=_interpret)
+    mx = w.format is FP4Format.MXFP4
+    parts = fp4_matmul_partials(x2, codes, scales, cfg=cfg, mx=mx, interpret=_interpret)
+    alpha = alpha * jnp.float32(2.0 ** epilogue_exponent(cfg, mx))  # exact: a power of two
     y = parts.sum(0)[:m, : w.n] * alpha[None, :]
     if bias is not None:
         y = y + bias.astype(jnp.float32)
