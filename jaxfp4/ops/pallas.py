@@ -98,10 +98,15 @@ def choose_config(m: int, n: int, k: int, fmt: FP4Format):
     for rec in _TUNED.get(_device_kind(), []):
         if (rec["m_bucket"], rec["n"], rec["k"], rec["format"]) == (bucket, n, k, fmt.value):
             return BlockConfig(**rec["config"])
+    # Untuned shapes: the patterns that won on the H100 sweep (kernels/results/bench-*.log).
+    if m <= 16:
+        return BlockConfig(16, 128, 512, default_split(n, k, 128, 512), num_warps=8, num_stages=3, dequant="asm")
     if m <= 64:
-        bm, bn, bk = max(16, bucket), 64, 256
-        return BlockConfig(bm=bm, bn=bn, bk=bk, split_k=default_split(n, k, bn, bk), num_warps=4, num_stages=3)
-    return BlockConfig(bm=128, bn=128, bk=64, split_k=1, num_warps=8, num_stages=3)
+        bm = max(16, bucket)
+        return BlockConfig(bm, 64, 256, default_split(n, k, 64, 256), num_warps=4, num_stages=3, dequant="asm")
+    if m <= 256:
+        return BlockConfig(128, 64, 128, default_split(n, k, 64, 128, 132), num_warps=4, num_stages=3, dequant="asm")
+    return BlockConfig(128, 256, 64, 1, num_warps=8, num_stages=3, dequant="asm")
 
 
 def default_split(n: int, k: int, bn: int, bk: int, programs: int = 264) -> int:

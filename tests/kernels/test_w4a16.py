@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -23,10 +24,11 @@ from jaxfp4.formats import (
     MXFP4W4A16,
     NVFP4W4A4,
     NVFP4W4A16,
+    codecs,
     quantize_mxfp4_llmcompressor,
     quantize_nvfp4_llmcompressor,
 )
-from jaxfp4.kernels.w4a16_triton import BlockConfig, fp4_matmul_partials
+from jaxfp4.kernels.w4a16_triton import BlockConfig, _expand_bits, epilogue_exponent, fp4_matmul_partials
 from jaxfp4.ops import pallas_interpret
 from jaxfp4.ops.xla import gemm_weight, prepare_activations
 from tests.conftest import requires_gpu
@@ -80,18 +82,63 @@ def test_pallas_interpret_matches_xla(recipe, lead, n, k):
     _check_against_reference(x, p, y)
 
 
-def test_kernel_partials_equal_exact_product_in_interpret_mode():
-    """Without the epilogue, split-K partials sum to ``x @ (q*s).T`` within float32 summation."""
+VARIANTS = [
+    BlockConfig(bm=16, bn=64, bk=256, split_k=2),
+    BlockConfig(bm=16, bn=64, bk=256, split_k=2, dequant="bits"),
+    BlockConfig(bm=16, bn=64, bk=512, split_k=1, dequant="asm"),
+    BlockConfig(bm=16, bn=128, bk=256, split_k=2, swap=True, dequant="bits"),
+    BlockConfig(bm=32, bn=64, bk=128, split_k=4, swap=True, dequant="asm"),
+    BlockConfig(bm=1, bn=64, bk=256, split_k=2, dequant="asm", mma=False),
+]
+
+
+def _partials_check(cfg, mx, m, interpret):
+    """Split-K partials times ``2**c`` sum to ``x @ (q*s).T`` within float32 summation."""
     w = (jax.random.normal(jax.random.key(3), (128, 1024), jnp.float32) * 0.05).astype(jnp.bfloat16)
-    q = quantize_nvfp4_llmcompressor(w)
-    x = jax.random.normal(jax.random.key(4), (16, 1024), jnp.float32).astype(jnp.bfloat16)
-    cfg = BlockConfig(bm=16, bn=64, bk=256, split_k=2)
-    parts = fp4_matmul_partials(x, q.codes, q.scales, cfg=cfg, mx=False, interpret=True)
-    qs = np.asarray(jaxfp4.dequantize(q, jnp.float32), np.float64) / np.asarray(q.row_global_multiplier())[:, None]
+    q = quantize_mxfp4_llmcompressor(w) if mx else quantize_nvfp4_llmcompressor(w)
+    x = jax.random.normal(jax.random.key(4), (m, 1024), jnp.float32).astype(jnp.bfloat16)
+    parts = fp4_matmul_partials(x, q.codes, q.scales, cfg=cfg, mx=mx, interpret=interpret)
+    g = q.row_global_multiplier()
+    qs = np.asarray(jaxfp4.dequantize(q, jnp.float32), np.float64)
+    qs = qs / np.asarray(g, np.float64)[:, None] if g is not None else qs
     exact = np.asarray(x, np.float64) @ qs.T
     a = np.abs(np.asarray(x, np.float64)) @ np.abs(qs).T
-    got = np.asarray(parts, np.float64).sum(0)
+    got = np.asarray(parts, np.float64).sum(0) * 2.0 ** epilogue_exponent(cfg, mx)
+    assert parts.shape == (cfg.split_k, m, 128)
     assert np.all(np.abs(got - exact) <= 1024 * 2.0**-24 * a + 1e-30)
+
+
+@pytest.mark.parametrize("mx", [False, True])
+@pytest.mark.parametrize("cfg", VARIANTS, ids=str)
+def test_kernel_partials_equal_exact_product_in_interpret_mode(cfg, mx):
+    _partials_check(cfg, mx, 1 if not cfg.mma else 2 * cfg.bm, interpret=True)
+
+
+@requires_gpu
+@pytest.mark.parametrize("mx", [False, True])
+@pytest.mark.parametrize("cfg", VARIANTS, ids=str)
+def test_kernel_variants_on_gpu(cfg, mx):
+    """The GPU-only paths (inline PTX, bf16 subnormal products) against the exact product."""
+    _partials_check(cfg, mx, 1 if not cfg.mma else 2 * cfg.bm, interpret=False)
+
+
+def test_register_expansion_bit_patterns_for_all_256_bytes():
+    """``bits`` puts e2m1 * 2**-126 in bf16 (subnormal for 0.5): checked with ml_dtypes, which,
+    unlike XLA:CPU, keeps subnormals. The PTX variant builds the same patterns (GPU test above)."""
+    b = np.arange(256, dtype=np.uint8)
+    for hi in (False, True):
+        got = np.asarray(_expand_bits(jnp.asarray(b), hi, asm=False)).view(np.uint16)
+        nib = (b >> 4) if hi else (b & 0xF)
+        want = (codecs.E2M1_VALUES[nib] * np.float32(2.0**-126)).astype(ml_dtypes.bfloat16).view(np.uint16)
+        assert np.array_equal(got, want)
+
+
+def test_gemv_variant_needs_one_row():
+    codes = jnp.zeros((64, 128), jnp.uint8)
+    scales = jnp.zeros((64, 16), jnp.float8_e4m3fn)
+    with pytest.raises(ValueError, match="bm=1"):
+        cfg = BlockConfig(16, 64, 256, 1, mma=False)
+        fp4_matmul_partials(jnp.zeros((16, 256), jnp.bfloat16), codes, scales, cfg=cfg, mx=False)
 
 
 def test_pallas_backend_refuses_non_bf16_and_cpu_without_interpret():
@@ -115,7 +162,7 @@ def test_kernel_lowers_for_cuda_on_cpu_install(mx):
     codes = jnp.zeros((128, k // 2), jnp.uint8)
     scales = jnp.zeros((128, k // (32 if mx else 16)), jnp.uint8 if mx else jnp.float8_e4m3fn)
     x = jnp.zeros((16, k), jnp.bfloat16)
-    for cfg in (BlockConfig(16, 64, 256, 2), BlockConfig(128, 128, 64, 1, num_warps=8)):
+    for cfg in (*VARIANTS, BlockConfig(128, 128, 64, 1, num_warps=8, dequant="asm")):
         xx = jnp.zeros((cfg.bm, k), jnp.bfloat16) if cfg.bm != 16 else x
         f = jax.jit(lambda a, b, c, cfg=cfg: fp4_matmul_partials(a, b, c, cfg=cfg, mx=mx))
         text = f.trace(xx, codes, scales).lower(lowering_platforms=("cuda",)).as_text()
