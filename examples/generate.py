@@ -22,6 +22,8 @@ import jax.numpy as jnp
 
 import jaxfp4
 from jaxfp4.models import Llama, generate
+from jaxfp4.models.llama import TPConfig
+from jaxfp4.sharding import checkpoint_placement
 
 DEFAULT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "ct-nvfp4")
 
@@ -78,6 +80,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--backend", default=None, choices=[None, "xla", "pallas"], help="jaxfp4 backend (default: auto)")
+    ap.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel degree: split the model over this many devices (on CPU, simulate them with "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=N)",
+    )
     args = ap.parse_args(argv)
 
     def step(msg: str) -> float:
@@ -85,8 +94,16 @@ def main(argv: list[str] | None = None) -> None:
         return time.perf_counter()
 
     t = step(f"loading {os.path.normpath(args.checkpoint)} on {jax.devices()[0].platform}")
-    ckpt = jaxfp4.load_checkpoint(args.checkpoint)
-    model = Llama(ckpt, dtype=jnp.dtype(args.dtype), backend=args.backend)
+    tp = None
+    if args.tp > 1:
+        if len(jax.devices()) < args.tp:
+            ap.error(f"--tp {args.tp} needs {args.tp} devices, found {len(jax.devices())}")
+        auto = (jax.sharding.AxisType.Auto,)
+        mesh = jax.make_mesh((args.tp,), ("model",), axis_types=auto, devices=jax.devices()[: args.tp])
+        tp = TPConfig(mesh, "model")
+    place = None if tp is None else checkpoint_placement(tp.mesh, "model")
+    ckpt = jaxfp4.load_checkpoint(args.checkpoint, place=place)
+    model = Llama(ckpt, dtype=jnp.dtype(args.dtype), backend=args.backend, tp=tp)
     took = time.perf_counter() - t
     t = step(f"  {ckpt.description}; {len(ckpt.quantized)} FP4 linears, {len(ckpt.dense)} dense tensors ({took:.2f} s)")
 

@@ -7,7 +7,11 @@ import os
 # XLA may skip the rounding of bf16/fp16 intermediates inside fusions ("excess precision"),
 # which PyTorch never does; comparisons with PyTorch are bit-level, so turn it off before any
 # backend starts. (Users who need bit-exact agreement under jit set the same flag.)
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false").strip()
+# Eight simulated CPU devices for the tensor-parallel tests (tests/test_sharding.py); other tests
+# run on the default device as before. (No effect on a GPU backend.)
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false --xla_force_host_platform_device_count=8"
+).strip()
 
 import jax
 import pytest

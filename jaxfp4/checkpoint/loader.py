@@ -304,7 +304,12 @@ class _Progress:
 def _placer(place: Placement | PlaceFn) -> Callable[[str, np.ndarray], jax.Array]:
     def put(name: str, a: np.ndarray) -> jax.Array:
         target = place(name, a.shape) if callable(place) and not isinstance(place, jax.Device) else place
-        return jax.device_put(np.asarray(a, order="C"), target) if target is not None else jnp.asarray(a)
+        if target is None:
+            return jnp.asarray(a)
+        if isinstance(target, jax.sharding.Sharding) and not target.is_fully_replicated:
+            # Each device reads only its own slice of the memory-mapped file: no full host copy.
+            return jax.make_array_from_callback(a.shape, target, lambda idx: np.ascontiguousarray(a[idx]))
+        return jax.device_put(np.asarray(a, order="C"), target)
 
     return put
 

@@ -19,9 +19,11 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxfp4.checkpoint import Checkpoint
 from jaxfp4.nn import Fp4Linear
+from jaxfp4.sharding import LLAMA_PLAN, Parallel, TensorParallel, plan_mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,13 +110,32 @@ class DenseLinear(nnx.Module):
         return y.astype(x.dtype)
 
 
-def linear_from_checkpoint(ckpt: Checkpoint, module: str, backend: str | None) -> Fp4Linear | DenseLinear:
-    """The module as stored: an :class:`Fp4Linear` if quantized, else a :class:`DenseLinear`."""
+def linear_from_checkpoint(
+    ckpt: Checkpoint, module: str, backend: str | None, tp: TPConfig | None = None
+) -> Fp4Linear | DenseLinear:
+    """The module as stored: an :class:`Fp4Linear` if quantized (tensor-parallel per ``tp``'s
+    plan when given), else a :class:`DenseLinear` (replicated)."""
     if module in ckpt.quantized:
-        return Fp4Linear.from_params(ckpt.quantized[module], backend=backend)
+        return Fp4Linear.from_params(ckpt.quantized[module], backend=backend, tp=tp.for_module(module) if tp else None)
     if module + ".weight" not in ckpt.dense:
         raise KeyError(f"{ckpt.path}: no tensor for module {module!r} (neither quantized nor {module}.weight)")
     return DenseLinear(ckpt.dense[module + ".weight"], ckpt.dense.get(module + ".bias"))
+
+
+@dataclasses.dataclass(frozen=True)
+class TPConfig:
+    """Tensor parallelism for the model: quantized linears split along mesh axis ``axis`` per
+    ``plan`` (module-name regex -> column/row; default Megatron: q/k/v/gate/up column, o/down row).
+    Everything else (embeddings, norms, dense layers, the KV cache) is replicated; XLA's
+    partitioner shards the attention and MLP math between the layers from their inputs."""
+
+    mesh: Mesh
+    axis: str = "model"
+    plan: tuple[tuple[str, Parallel], ...] = tuple(LLAMA_PLAN.items())
+
+    def for_module(self, module: str) -> TensorParallel | None:
+        mode = plan_mode(module, dict(self.plan))
+        return None if mode is None else TensorParallel(self.mesh, self.axis, mode)
 
 
 class RMSNorm(nnx.Module):
@@ -150,10 +171,10 @@ class KVCache:
 
 
 class Attention(nnx.Module):
-    def __init__(self, ckpt: Checkpoint, prefix: str, cfg: LlamaConfig, backend: str | None):
+    def __init__(self, ckpt: Checkpoint, prefix: str, cfg: LlamaConfig, backend: str | None, tp: TPConfig | None):
         self.cfg = cfg
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
-            linear_from_checkpoint(ckpt, f"{prefix}.{n}", backend) for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+            linear_from_checkpoint(ckpt, f"{prefix}.{n}", backend, tp) for n in ("q_proj", "k_proj", "v_proj", "o_proj")
         )
 
     def __call__(self, x, cos, sin, cache: KVCache, layer: int, pos):
@@ -190,9 +211,9 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, ckpt: Checkpoint, prefix: str, backend: str | None):
+    def __init__(self, ckpt: Checkpoint, prefix: str, backend: str | None, tp: TPConfig | None):
         self.gate_proj, self.up_proj, self.down_proj = (
-            linear_from_checkpoint(ckpt, f"{prefix}.{n}", backend) for n in ("gate_proj", "up_proj", "down_proj")
+            linear_from_checkpoint(ckpt, f"{prefix}.{n}", backend, tp) for n in ("gate_proj", "up_proj", "down_proj")
         )
 
     def __call__(self, x):
@@ -204,12 +225,12 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, ckpt: Checkpoint, i: int, cfg: LlamaConfig, backend: str | None):
+    def __init__(self, ckpt: Checkpoint, i: int, cfg: LlamaConfig, backend: str | None, tp: TPConfig | None):
         p = f"model.layers.{i}"
         self.input_layernorm = RMSNorm(ckpt.dense[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(ckpt.dense[f"{p}.post_attention_layernorm.weight"], cfg.rms_norm_eps)
-        self.self_attn = Attention(ckpt, f"{p}.self_attn", cfg, backend)
-        self.mlp = MLP(ckpt, f"{p}.mlp", backend)
+        self.self_attn = Attention(ckpt, f"{p}.self_attn", cfg, backend, tp)
+        self.mlp = MLP(ckpt, f"{p}.mlp", backend, tp)
 
     def __call__(self, x, cos, sin, cache: KVCache, layer: int, pos):
         a, cache = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, pos)
@@ -222,13 +243,22 @@ class Llama(nnx.Module):
 
     ``model(tokens, pos, cache)`` runs ``tokens [B, T]`` (int32) at positions ``pos .. pos+T-1``,
     writes their keys/values into ``cache`` and returns ``(logits [B, T, V] float32, cache)``.
+    ``tp``: tensor parallelism (:class:`TPConfig`); load the checkpoint with
+    ``place=jaxfp4.sharding.checkpoint_placement(mesh, axis)`` so that weights arrive on their shards.
     """
 
-    def __init__(self, ckpt: Checkpoint, *, dtype: jnp.dtype = jnp.bfloat16, backend: str | None = None):
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        *,
+        dtype: jnp.dtype = jnp.bfloat16,
+        backend: str | None = None,
+        tp: TPConfig | None = None,
+    ):
         cfg = LlamaConfig.from_hf(ckpt.config)
         self.cfg, self.dtype = cfg, jnp.dtype(dtype)
         self.embed_tokens = nnx.Param(ckpt.dense["model.embed_tokens.weight"])
-        self.layers = nnx.List([Block(ckpt, i, cfg, backend) for i in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([Block(ckpt, i, cfg, backend, tp) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(ckpt.dense["model.norm.weight"], cfg.rms_norm_eps)
         if cfg.tie_word_embeddings and "lm_head.weight" not in ckpt.dense and "lm_head" not in ckpt.quantized:
             self.lm_head = DenseLinear(ckpt.dense["model.embed_tokens.weight"])

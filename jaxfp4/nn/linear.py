@@ -23,6 +23,7 @@ from jaxfp4.formats import (
     quantize_nvfp4_modelopt,
 )
 from jaxfp4.ops import Fp4LinearParams, fp4_linear
+from jaxfp4.sharding import TensorParallel, shard_params, tp_linear
 
 
 class QuantizedParam(nnx.Param):
@@ -42,6 +43,8 @@ class Fp4Linear(nnx.Module):
         (a multiplier); ``None`` for W4A16.
       bias: optional ``[N]`` bias.
       backend: ``None`` (auto), ``"pallas"`` or ``"xla"``.
+      tp: optional :class:`jaxfp4.sharding.TensorParallel`: the params are placed on its mesh
+        (column: split along N, row: along K) and each call runs per shard under ``shard_map``.
 
     >>> import jax, jax.numpy as jnp, jaxfp4
     >>> dense = nnx.Linear(64, 32, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)
@@ -60,6 +63,7 @@ class Fp4Linear(nnx.Module):
         input_scale: jax.Array | float | None = None,
         bias: jax.Array | None = None,
         backend: str | None = None,
+        tp: TensorParallel | None = None,
     ):
         if weight.shape != (out_features, in_features):
             raise ValueError(f"weight shape {weight.shape} != (out_features, in_features) = {(out_features, in_features)}")
@@ -67,10 +71,19 @@ class Fp4Linear(nnx.Module):
         self.out_features = out_features
         self.recipe = recipe
         self.backend = backend
-        self.weight = QuantizedParam(weight)
-        self.input_scale = None if input_scale is None else nnx.Param(jnp.asarray(input_scale, jnp.float32).reshape(()))
-        self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
-        self.params().validate(f"Fp4Linear({in_features}, {out_features})")
+        self.tp = tp
+        name = f"Fp4Linear({in_features}, {out_features})"
+        p = Fp4LinearParams(
+            weight=weight,
+            input_scale=None if input_scale is None else jnp.asarray(input_scale, jnp.float32).reshape(()),
+            bias=None if bias is None else jnp.asarray(bias),
+            recipe=recipe,
+        ).validate(name)
+        if tp is not None:
+            p = shard_params(p, tp, name)
+        self.weight = QuantizedParam(p.weight)
+        self.input_scale = None if p.input_scale is None else nnx.Param(p.input_scale)
+        self.bias = None if p.bias is None else nnx.Param(p.bias)
 
     def params(self) -> Fp4LinearParams:
         """The layer as the functional :class:`Fp4LinearParams` pytree."""
@@ -82,10 +95,14 @@ class Fp4Linear(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.tp is not None:
+            return tp_linear(x, self.params(), self.tp, backend=self.backend)
         return fp4_linear(x, self.params(), backend=self.backend)
 
     @classmethod
-    def from_params(cls, params: Fp4LinearParams, *, backend: str | None = None) -> Fp4Linear:
+    def from_params(
+        cls, params: Fp4LinearParams, *, backend: str | None = None, tp: TensorParallel | None = None
+    ) -> Fp4Linear:
         """Wrap functional params (e.g. ``load_checkpoint(...).quantized[module]``) as a layer."""
         return cls(
             params.in_features,
@@ -95,6 +112,7 @@ class Fp4Linear(nnx.Module):
             input_scale=params.input_scale,
             bias=params.bias,
             backend=backend,
+            tp=tp,
         )
 
     @classmethod

@@ -25,7 +25,7 @@ class Backend:
 
     name: str
     unsupported_reason: Callable[[jax.Array, Fp4LinearParams], str | None]
-    forward: Callable[[jax.Array, Fp4LinearParams, jax.Array | None], jax.Array]
+    forward: Callable[[jax.Array, Fp4LinearParams, jax.Array | None, jnp.dtype], jax.Array]
 
 
 #: Ordered by preference for ``backend=None``.
@@ -59,7 +59,12 @@ def select_backend(x: jax.Array, params: Fp4LinearParams, backend: str | None = 
 
 
 def fp4_linear(
-    x: jax.Array, params: Fp4LinearParams, *, bias: jax.Array | None = None, backend: str | None = None
+    x: jax.Array,
+    params: Fp4LinearParams,
+    *,
+    bias: jax.Array | None = None,
+    backend: str | None = None,
+    out_dtype: jnp.dtype | None = None,
 ) -> jax.Array:
     """``y = Q(x) @ W.T + b`` for an FP4 weight ``W`` of shape ``(N, K)``.
 
@@ -68,13 +73,15 @@ def fp4_linear(
       params: :class:`Fp4LinearParams` (weight, recipe, activation scale, optional bias).
       bias: optional ``[N]`` bias, overriding ``params.bias``; added in float32.
       backend: ``None`` (auto: the fastest that supports the call), ``"pallas"`` or ``"xla"``.
+      out_dtype: the output dtype; default ``x.dtype``. ``jnp.float32`` returns the float32
+        accumulator unrounded (row-parallel layers sum such partials across devices).
 
     Returns:
-      ``[..., N]`` in ``x.dtype``. ``Q`` is the recipe's activation quantization (identity for
+      ``[..., N]`` in ``out_dtype``. ``Q`` is the recipe's activation quantization (identity for
       W4A16). Accumulation is float32. Runs under ``jax.named_scope("jaxfp4.<backend>")``.
     """
     bias = params.bias if bias is None else bias
     _check_call(x, params, bias)
     chosen = select_backend(x, params, backend)
     with jax.named_scope(f"jaxfp4.{chosen.name}"):
-        return chosen.forward(x, params, bias)
+        return chosen.forward(x, params, bias, jnp.dtype(x.dtype if out_dtype is None else out_dtype))

@@ -118,7 +118,7 @@ def default_split(n: int, k: int, bn: int, bk: int, programs: int = 264) -> int:
     return split
 
 
-def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None) -> jax.Array:
+def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None, out_dtype: jnp.dtype) -> jax.Array:
     from jaxfp4.kernels.w4a16_triton import epilogue_exponent, fp4_matmul_partials
 
     w = params.weight
@@ -150,4 +150,4 @@ def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None) -> ja
     y = parts.sum(0)[:m, : w.n] * alpha[None, :]
     if bias is not None:
         y = y + bias.astype(jnp.float32)
-    return y.astype(x.dtype).reshape(*lead, w.n)
+    return y.astype(out_dtype).reshape(*lead, w.n)

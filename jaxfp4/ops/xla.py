@@ -54,10 +54,10 @@ def gemm_weight(w: QuantizedTensor, dtype: jnp.dtype) -> jax.Array:
     return dequantize(as_mult, dtype)
 
 
-def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None) -> jax.Array:
+def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None, out_dtype: jnp.dtype) -> jax.Array:
     x_dq = prepare_activations(x, params)
     w = gemm_weight(params.weight, x.dtype)
     y = jax.lax.dot_general(x_dq, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
-    return y.astype(x.dtype)
+    return y.astype(out_dtype)

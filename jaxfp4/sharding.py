@@ -1,0 +1,235 @@
+"""Tensor-parallel FP4 layers on a ``jax.sharding.Mesh``.
+
+Two Megatron-style layouts for a layer ``y = x @ W.T`` with ``W`` of shape ``(N, K)``:
+
+* **column** parallel: ``W`` split along N (output features). Packed codes ``(N, K/2)`` and
+  block scales ``(N, K/B)`` are split by rows, the global scale becomes one value per output row
+  (:func:`per_row_global_scale`) split the same way, the bias too. ``x`` is replicated along the
+  mesh axis; ``y`` comes out split along its last axis. Each output is computed by exactly the
+  arithmetic of the unsharded layer (bit-identical).
+* **row** parallel: ``W`` split along K (input features), in whole scale blocks: each shard's
+  K must be a multiple of the block (16 NVFP4, 32 MXFP4), otherwise a ``ValueError`` names the
+  layer. ``x`` comes split along its last axis; each device computes a float32 partial sum over
+  its K range, the partials are summed across the axis (``psum``), then the bias is added once
+  and the result rounded to the activation dtype. Against the unsharded layer only the float32
+  summation order differs. Activation quantization (W4A4's per-16 NVFP4 blocks, W4A8's static
+  FP8) is local to each element or block, so it is the same on a shard as on the whole.
+
+Two ways to run them, same params:
+
+* under ``jax.jit`` with the params placed by :func:`shard_params` (or loaded straight onto
+  their shards with :func:`checkpoint_placement`), XLA's partitioner runs the "xla" backend as
+  is;
+* :func:`tp_linear` (used by :class:`jaxfp4.nn.Fp4Linear` when given a :class:`TensorParallel`)
+  runs :func:`jaxfp4.fp4_linear` per shard under ``shard_map`` with explicit collectives: this is
+  how the Pallas kernels (custom calls XLA cannot partition) run sharded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxfp4.formats import QuantizedTensor
+from jaxfp4.ops import Fp4LinearParams, fp4_linear
+
+
+class Parallel(enum.Enum):
+    """How a layer is split across the mesh axis."""
+
+    COLUMN = "column"  # split N: out features
+    ROW = "row"  # split K: in features
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorParallel:
+    """A layer's placement: ``mode`` along mesh axis ``axis`` of ``mesh``."""
+
+    mesh: Mesh
+    axis: str
+    mode: Parallel
+
+    def __post_init__(self) -> None:
+        if self.axis not in self.mesh.axis_names:
+            raise ValueError(f"mesh has no axis {self.axis!r} (axes: {self.mesh.axis_names})")
+        kind = dict(zip(self.mesh.axis_names, self.mesh.axis_types, strict=True))[self.axis]
+        if kind != jax.sharding.AxisType.Auto:
+            raise ValueError(
+                f"mesh axis {self.axis!r} is {kind}; tensor-parallel FP4 layers need AxisType.Auto axes "
+                "(jax.make_mesh(..., axis_types=(jax.sharding.AxisType.Auto, ...)))"
+            )
+
+    @property
+    def size(self) -> int:
+        return self.mesh.shape[self.axis]
+
+
+def per_row_global_scale(w: QuantizedTensor) -> QuantizedTensor:
+    """The same weight with one global scale per output row (``partitions = (1,) * N``).
+
+    Exact (values are repeated, not recomputed); needed so that a row slice of the weight is a
+    self-contained :class:`QuantizedTensor` whatever fused partitions it cuts through.
+    """
+    if w.global_scale is None or w.partitions == (1,) * w.n:
+        return w
+    gs = jnp.repeat(w.global_scale, np.asarray(w.partitions), total_repeat_length=w.n)
+    return dataclasses.replace(w, global_scale=gs, partitions=(1,) * w.n)
+
+
+def check_shardable(params: Fp4LinearParams, tp: TensorParallel, name: str = "layer") -> None:
+    """Raise a ``ValueError`` naming ``name`` if ``tp`` would split a row range or a scale block."""
+    n, k, bs, s = params.out_features, params.in_features, params.weight.block_size, tp.size
+    if tp.mode is Parallel.COLUMN and n % s:
+        raise ValueError(f"{name}: column parallelism needs N={n} divisible by the '{tp.axis}' axis size {s}")
+    if tp.mode is Parallel.ROW and k % (s * bs):
+        raise ValueError(
+            f"{name}: row parallelism over {s} devices would split a {bs}-element scale block: "
+            f"K={k} must be a multiple of {s} x {bs} = {s * bs}"
+        )
+
+
+def _local(params: Fp4LinearParams, tp: TensorParallel) -> Fp4LinearParams:
+    """The params of one shard: the same pytree with local shapes in its static metadata."""
+    w = params.weight
+    if tp.mode is Parallel.COLUMN:
+        n = w.n // tp.size
+        w = dataclasses.replace(w, shape=(n, w.k), partitions=(1,) * n if w.global_scale is not None else (n,))
+    else:
+        w = dataclasses.replace(w, shape=(w.n, w.k // tp.size))
+    return dataclasses.replace(params, weight=w)
+
+
+def param_specs(params: Fp4LinearParams, tp: TensorParallel) -> Fp4LinearParams:
+    """A pytree like ``params`` of :class:`PartitionSpec` (``params`` as :func:`shard_params` makes them)."""
+    a = tp.axis
+    w = params.weight
+    col = tp.mode is Parallel.COLUMN
+    weight = dataclasses.replace(
+        w,
+        codes=P(a, None) if col else P(None, a),
+        scales=P(a, None) if col else P(None, a),
+        global_scale=None if w.global_scale is None else (P(a) if col else P()),
+    )
+    return dataclasses.replace(
+        params,
+        weight=weight,
+        input_scale=None if params.input_scale is None else P(),
+        bias=None if params.bias is None else (P(a) if col else P()),
+    )
+
+
+def _prepared(params: Fp4LinearParams, tp: TensorParallel) -> Fp4LinearParams:
+    if tp.mode is Parallel.COLUMN:
+        return dataclasses.replace(params, weight=per_row_global_scale(params.weight))
+    return params
+
+
+def shard_params(params: Fp4LinearParams, tp: TensorParallel, name: str = "layer") -> Fp4LinearParams:
+    """Place ``params`` on ``tp.mesh`` (column: per-row global scales, split along N; row: split along K)."""
+    check_shardable(params, tp, name)
+    params = _prepared(params, tp)
+    specs = param_specs(params, tp)
+    return jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(tp.mesh, s)), params, specs)
+
+
+def tp_linear(
+    x: jax.Array, params: Fp4LinearParams, tp: TensorParallel, *, backend: str | None = None, name: str = "layer"
+) -> jax.Array:
+    """``fp4_linear`` run per shard under ``shard_map`` (see the module docstring for the maths).
+
+    ``x``: ``[..., K]``, replicated along ``tp.axis`` (column) or split along its last axis (row);
+    any other sharding is resharded by XLA at the boundary. Returns ``[..., N]`` in ``x.dtype``,
+    split along the last axis (column) or replicated (row).
+    """
+    check_shardable(params, tp, name)
+    params = _prepared(params, tp)
+    specs = param_specs(params, tp)
+    local = _local(params, tp)
+    lead = (None,) * (x.ndim - 1)
+    bias = params.bias
+
+    if tp.mode is Parallel.COLUMN:
+
+        def column(x, p):
+            p = dataclasses.replace(p, weight=dataclasses.replace(local.weight, **_arrays(p.weight)))
+            return fp4_linear(x, p, backend=backend)
+
+        f = jax.shard_map(
+            column, mesh=tp.mesh, in_specs=(P(*lead, None), specs), out_specs=P(*lead, tp.axis), check_vma=False
+        )
+        return f(x, params)
+
+    def row(x, p):
+        p = dataclasses.replace(p, weight=dataclasses.replace(local.weight, **_arrays(p.weight)), bias=None)
+        y = jax.lax.psum(fp4_linear(x, p, backend=backend, out_dtype=jnp.float32), tp.axis)
+        return y
+
+    specs = dataclasses.replace(specs, bias=None)
+    # check_vma=False: Pallas calls do not annotate how their outputs vary across the mesh.
+    f = jax.shard_map(row, mesh=tp.mesh, in_specs=(P(*lead, tp.axis), specs), out_specs=P(*lead, None), check_vma=False)
+    y = f(x, dataclasses.replace(params, bias=None))
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _arrays(w: QuantizedTensor) -> dict:
+    return {"codes": w.codes, "scales": w.scales, "global_scale": w.global_scale}
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+#: Llama-family layout: attention q/k/v and MLP gate/up split along N, o/down along K.
+LLAMA_PLAN: Mapping[str, Parallel] = {
+    r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)$": Parallel.COLUMN,
+    r"\.(o_proj|down_proj)$": Parallel.ROW,
+}
+
+
+def plan_mode(module: str, plan: Mapping[str, Parallel]) -> Parallel | None:
+    """The first plan entry whose regex matches ``module`` (``None``: replicated)."""
+    for pattern, mode in plan.items():
+        if re.search(pattern, module):
+            return mode
+    return None
+
+
+_ROLE = re.compile(r"^(?P<module>.+)\.(?P<role>weight\.codes|weight\.scales|weight\.global_scale|input_scale|bias)$")
+
+
+def checkpoint_placement(
+    mesh: Mesh, axis: str, plan: Mapping[str, Parallel] = LLAMA_PLAN
+) -> Callable[[str, tuple[int, ...]], NamedSharding]:
+    """A ``place`` callable for :func:`jaxfp4.load_checkpoint`: each quantized tensor goes straight
+    onto its shards (read slice by slice from the memory-mapped file), everything else replicated.
+
+    Global scales stay per partition here (tiny; :func:`shard_params` / :func:`tp_linear` expand
+    them per row). Shapes that would split a scale block fail later, in :func:`check_shardable`.
+    """
+    rep = NamedSharding(mesh, P())
+
+    def place(name: str, shape: tuple[int, ...]) -> NamedSharding:
+        m = _ROLE.match(name)
+        mode = plan_mode(m.group("module"), plan) if m else None
+        if m is None or mode is None:
+            return rep
+        role = m.group("role")
+        size = mesh.shape[axis]
+        if role in ("weight.codes", "weight.scales"):
+            dim = 0 if mode is Parallel.COLUMN else 1
+            if shape[dim] % size:
+                return rep  # not splittable: check_shardable names the layer when it is used
+            return NamedSharding(mesh, P(axis, None) if dim == 0 else P(None, axis))
+        if role == "bias" and mode is Parallel.COLUMN and shape[0] % size == 0:
+            return NamedSharding(mesh, P(axis))
+        return rep
+
+    return place
