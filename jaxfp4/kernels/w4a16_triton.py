@@ -143,39 +143,36 @@ def _kernel(xe_ref, xo_ref, w_ref, s_ref, o_ref, *, cfg: BlockConfig, steps: int
     split = pl.program_id(2)
     nt = (((1,), (1,)), ((), ()))
 
-    def step(i, acc):
+    def operands(i):
+        """Step ``i``: expanded weight halves ``lo``, ``hi`` ``[bn, bk/2]`` bf16 and the matching
+        even/odd activation columns ``[rows, bk/2]``."""
         kb = (split * steps + i) * bkh
         w = w_ref[pl.ds(n0, cfg.bn), pl.ds(kb, bkh)]
         s = s_ref[pl.ds(n0, cfg.bn), pl.ds((split * steps + i) * nsb, nsb)]
         sf = _scale_factor(s, cfg, mx)
         sf = jnp.broadcast_to(sf[:, :, None], (cfg.bn, nsb, block // 2)).reshape(cfg.bn, bkh)
-        lo = _expand(w, sf, False, cfg, interpret)
-        hi = _expand(w, sf, True, cfg, interpret)
-        xe = xe_ref[pl.ds(m0, cfg.bm), pl.ds(kb, bkh)]
-        xo = xo_ref[pl.ds(m0, cfg.bm), pl.ds(kb, bkh)]
-        if cfg.swap:
-            acc = acc + jax.lax.dot_general(lo, xe, nt, preferred_element_type=jnp.float32)
-            return acc + jax.lax.dot_general(hi, xo, nt, preferred_element_type=jnp.float32)
-        acc = acc + jax.lax.dot_general(xe, lo, nt, preferred_element_type=jnp.float32)
-        return acc + jax.lax.dot_general(xo, hi, nt, preferred_element_type=jnp.float32)
+        rows = cfg.bm if cfg.mma else 1
+        xe = xe_ref[pl.ds(m0, rows), pl.ds(kb, bkh)]
+        xo = xo_ref[pl.ds(m0, rows), pl.ds(kb, bkh)]
+        return _expand(w, sf, False, cfg, interpret), _expand(w, sf, True, cfg, interpret), xe, xo
 
-    if not cfg.mma:
+    if not cfg.mma:  # GEMV on the CUDA cores: elementwise float32 products, reduced once
 
         def gemv_step(i, acc):
-            kb = (split * steps + i) * bkh
-            w = w_ref[pl.ds(n0, cfg.bn), pl.ds(kb, bkh)]
-            s = s_ref[pl.ds(n0, cfg.bn), pl.ds((split * steps + i) * nsb, nsb)]
-            sf = _scale_factor(s, cfg, mx)
-            sf = jnp.broadcast_to(sf[:, :, None], (cfg.bn, nsb, block // 2)).reshape(cfg.bn, bkh)
-            lo = _expand(w, sf, False, cfg, interpret).astype(jnp.float32)
-            hi = _expand(w, sf, True, cfg, interpret).astype(jnp.float32)
-            xe = xe_ref[pl.ds(m0, 1), pl.ds(kb, bkh)].astype(jnp.float32)
-            xo = xo_ref[pl.ds(m0, 1), pl.ds(kb, bkh)].astype(jnp.float32)
+            lo, hi, xe, xo = (a.astype(jnp.float32) for a in operands(i))
             return acc + lo * xe + hi * xo
 
         acc = jax.lax.fori_loop(0, steps, gemv_step, jnp.zeros((cfg.bn, bkh), jnp.float32))
         o_ref[split, pl.ds(m0, 1), pl.ds(n0, cfg.bn)] = jnp.sum(acc, axis=1)[None, :]
         return
+
+    def step(i, acc):
+        lo, hi, xe, xo = operands(i)
+        if cfg.swap:
+            acc = acc + jax.lax.dot_general(lo, xe, nt, preferred_element_type=jnp.float32)
+            return acc + jax.lax.dot_general(hi, xo, nt, preferred_element_type=jnp.float32)
+        acc = acc + jax.lax.dot_general(xe, lo, nt, preferred_element_type=jnp.float32)
+        return acc + jax.lax.dot_general(xo, hi, nt, preferred_element_type=jnp.float32)
 
     shape = (cfg.bn, cfg.bm) if cfg.swap else (cfg.bm, cfg.bn)
     acc = jax.lax.fori_loop(0, steps, step, jnp.zeros(shape, jnp.float32))
