@@ -34,11 +34,11 @@ from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxfp4.formats import QuantizedTensor
+from jaxfp4.formats.tensor import repeat_per_row
 from jaxfp4.ops import Fp4LinearParams, fp4_linear
 
 
@@ -78,10 +78,9 @@ def per_row_global_scale(w: QuantizedTensor) -> QuantizedTensor:
     Exact (values are repeated, not recomputed); needed so that a row slice of the weight is a
     self-contained :class:`QuantizedTensor` whatever fused partitions it cuts through.
     """
-    if w.global_scale is None or w.partitions == (1,) * w.n:
+    if w.global_scale is None or len(w.partitions) == w.n:
         return w
-    gs = jnp.repeat(w.global_scale, np.asarray(w.partitions), total_repeat_length=w.n)
-    return dataclasses.replace(w, global_scale=gs, partitions=(1,) * w.n)
+    return dataclasses.replace(w, global_scale=repeat_per_row(w.global_scale, w.partitions, w.n), partitions=(1,) * w.n)
 
 
 def check_shardable(params: Fp4LinearParams, tp: TensorParallel, name: str = "layer") -> None:
@@ -156,33 +155,34 @@ def tp_linear(
     lead = (None,) * (x.ndim - 1)
     bias = params.bias
 
+    def localize(p: Fp4LinearParams) -> Fp4LinearParams:
+        """shard_map hands over local arrays under the global static metadata: swap it for ``local``'s."""
+        w = p.weight
+        return dataclasses.replace(
+            p, weight=dataclasses.replace(local.weight, codes=w.codes, scales=w.scales, global_scale=w.global_scale)
+        )
+
     if tp.mode is Parallel.COLUMN:
-
-        def column(x, p):
-            p = dataclasses.replace(p, weight=dataclasses.replace(local.weight, **_arrays(p.weight)))
-            return fp4_linear(x, p, backend=backend)
-
         f = jax.shard_map(
-            column, mesh=tp.mesh, in_specs=(P(*lead, None), specs), out_specs=P(*lead, tp.axis), check_vma=False
+            lambda x, p: fp4_linear(x, localize(p), backend=backend),
+            mesh=tp.mesh,
+            in_specs=(P(*lead, None), specs),
+            out_specs=P(*lead, tp.axis),
+            check_vma=False,
         )
         return f(x, params)
 
     def row(x, p):
-        p = dataclasses.replace(p, weight=dataclasses.replace(local.weight, **_arrays(p.weight)), bias=None)
-        y = jax.lax.psum(fp4_linear(x, p, backend=backend, out_dtype=jnp.float32), tp.axis)
-        return y
+        return jax.lax.psum(fp4_linear(x, localize(p), backend=backend, out_dtype=jnp.float32), tp.axis)
 
-    specs = dataclasses.replace(specs, bias=None)
     # check_vma=False: Pallas calls do not annotate how their outputs vary across the mesh.
+    # The bias is added once, after the sum.
+    specs = dataclasses.replace(specs, bias=None)
     f = jax.shard_map(row, mesh=tp.mesh, in_specs=(P(*lead, tp.axis), specs), out_specs=P(*lead, None), check_vma=False)
     y = f(x, dataclasses.replace(params, bias=None))
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(x.dtype)
-
-
-def _arrays(w: QuantizedTensor) -> dict:
-    return {"codes": w.codes, "scales": w.scales, "global_scale": w.global_scale}
 
 
 # --- checkpoints -----------------------------------------------------------------------------

@@ -39,11 +39,6 @@ def _check_weight(w: jax.Array, block: int) -> None:
         raise ValueError(f"K={w.shape[1]} is not a multiple of the block size {block}")
 
 
-def _rnd(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """Round float32 ``x`` to ``dtype`` and back (torch's op-in-dtype rounding)."""
-    return codecs.round_to(x, dtype)
-
-
 def _group_amax(wf: jax.Array, block: int) -> jax.Array:
     n, k = wf.shape
     return jnp.max(jnp.abs(wf.reshape(n, k // block, block)), axis=-1)
@@ -66,12 +61,12 @@ def quantize_nvfp4_llmcompressor(parts: Sequence[jax.Array] | jax.Array) -> Quan
     dt = parts[0].dtype
     amax = jnp.max(jnp.stack([jnp.max(jnp.abs(p.astype(jnp.float32))) for p in parts]))
     # generate_gparam: 2688 / amax, done in the weight dtype as reciprocal() then multiply.
-    gs = _rnd(_rnd(codecs.div_exact(jnp.float32(1.0), amax), dt) * jnp.float32(_E2M1_X_E4M3), dt)
+    gs = codecs.round_to(codecs.round_to(codecs.div_exact(jnp.float32(1.0), amax), dt) * jnp.float32(_E2M1_X_E4M3), dt)
     out = []
     for p in parts:
         n, k = p.shape
         wf = p.astype(jnp.float32)
-        local = _rnd(codecs.div_exact(_group_amax(wf, 16), jnp.float32(6.0)), dt)
+        local = codecs.round_to(codecs.div_exact(_group_amax(wf, 16), jnp.float32(6.0)), dt)
         s = codecs.encode_e4m3(gs * local)
         s = jnp.where(s.astype(jnp.float32) == 0, jnp.float8_e4m3fn(0.125), s)
         eff = codecs.div_exact(s.astype(jnp.float32), gs)

@@ -127,7 +127,7 @@ class QuantizedTensor:
         m = self.global_multiplier()
         if m is None:
             return None
-        return _per_row(m, self.partitions, self.n)
+        return repeat_per_row(m, self.partitions, self.n)
 
 
 jax.tree_util.register_dataclass(
@@ -177,9 +177,9 @@ def validate_quantized(
         )
 
 
-def _per_row(v: jax.Array, partitions: tuple[int, ...], n: int) -> jax.Array:
-    """Per-partition values repeated per output row; no gather when already per row (the
-    layout of column-parallel shards, see :mod:`jaxfp4.sharding`)."""
+def repeat_per_row(v: jax.Array, partitions: tuple[int, ...], n: int) -> jax.Array:
+    """Per-partition values ``[P]`` repeated per output row ``[n]``; no gather when already per
+    row (the layout of column-parallel shards, see :mod:`jaxfp4.sharding`)."""
     if len(partitions) == n:
         return v
     return jnp.repeat(v, np.asarray(partitions), total_repeat_length=n)
@@ -215,7 +215,7 @@ def dequantize(q: QuantizedTensor, dtype: jnp.dtype = jnp.bfloat16) -> jax.Array
         out = jnp.where(q.scales[..., None] == codecs.E8M0_NAN, jnp.nan, out)
     else:
         s = codecs.decode_e4m3(q.scales)
-        g = _per_row(q.global_scale.astype(jnp.float32), q.partitions, n)
+        g = repeat_per_row(q.global_scale.astype(jnp.float32), q.partitions, n)
         eff = codecs.div_exact(s, g[:, None]) if q.global_kind is GlobalScale.DIVISOR else s * g[:, None]
         out = vals * eff[..., None]
     return out.reshape(n, k).astype(dtype)
