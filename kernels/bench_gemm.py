@@ -1,10 +1,17 @@
-"""GEMM benchmark + small tuning sweep for the FP4 W4A16 kernels (run on the GPU machine).
+"""GEMM benchmark + small tuning sweep for the FP4 kernels, all four schemes (run on the GPU machine).
 
 Timing method (research/performance.md addendum): inside one ``jax.jit`` the op is applied to
 ``COPIES`` *distinct* weights (separate buffers, unrolled) and the outputs are summed, so neither
 Python dispatch (~37 us a call) nor L2 hits (a 33 MB FP4 weight fits the 50 MB L2) are timed;
 time per layer = median wall time of the whole jitted call / ``COPIES``. The bf16 baseline is
 measured the same way in the same run.
+
+Schemes: ``nvfp4_w4a16``, ``mxfp4_w4a16``, ``nvfp4_w4a4`` (the NVFP4 activation quantization runs
+just before the W4A16 kernel and is timed with it), ``mxfp4_w4a8`` (FP8 activation quantization,
+then the FP8 kernel or the W4A16 kernel on the FP8 values, whichever the sweep picks). The
+"xla" backend is jnp quantize-dequantize then a dot. ``BENCH_SCHEMES`` picks a subset;
+``BENCH_SWEEP`` names the schemes whose candidate configs are swept (others run the tuned or
+heuristic config that the library would pick); ``BENCH_BUDGET_S`` caps the sweeping time.
 
 Writes ``$OUT/gemm-<device>.json`` ({"device", "records": [{scheme, M, K, N, backend, us}]}),
 ``$OUT/configs-<device>.json`` (best config per shape, for jaxfp4/kernels/configs/) and a PNG.
@@ -23,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxfp4
-from jaxfp4.formats import MXFP4W4A16, NVFP4W4A16, FP4Format, GlobalScale, QuantizedTensor
+from jaxfp4.formats import MXFP4W4A8, MXFP4W4A16, NVFP4W4A4, NVFP4W4A16, FP4Format, GlobalScale, QuantizedTensor
 from jaxfp4.kernels.w4a16_triton import BlockConfig
 from jaxfp4.ops import pallas as pallas_backend
 
@@ -31,6 +38,15 @@ COPIES = 16
 SHAPES = [(4096, 14336), (14336, 4096), (8192, 8192)]  # (K, N)
 MS = [1, 16, 128, 4096]
 BUDGET_S = float(os.environ.get("BENCH_BUDGET_S", "400"))
+# scheme -> (weight format, recipe, static activation scale: W4A4 divisor / W4A8 multiplier)
+SCHEMES = {
+    "nvfp4_w4a16": (FP4Format.NVFP4, NVFP4W4A16(), None),
+    "mxfp4_w4a16": (FP4Format.MXFP4, MXFP4W4A16(), None),
+    "nvfp4_w4a4": (FP4Format.NVFP4, NVFP4W4A4(), 336.0),
+    "mxfp4_w4a8": (FP4Format.MXFP4, MXFP4W4A8(), 0.02),
+}
+RUN = [v for v in os.environ.get("BENCH_SCHEMES", ",".join(SCHEMES)).split(",") if v]
+SWEEP = [v for v in os.environ.get("BENCH_SWEEP", "nvfp4_w4a16,mxfp4_w4a16").split(",") if v]
 
 
 def random_weight(key, n: int, k: int, fmt: FP4Format) -> QuantizedTensor:
@@ -55,7 +71,7 @@ def time_op(op, x, ws, reps: int = 7) -> float:
     return float(np.median(ts)) / len(ws) * 1e6
 
 
-def candidates(m: int, n: int, k: int, fmt: FP4Format) -> list[BlockConfig]:
+def candidates(m: int, n: int, k: int, fmt: FP4Format, scheme: str) -> list[BlockConfig]:
     """A short list per M bucket, from the variant sweep of ``tune_w4a16.py`` (tune-*.json):
     register-built bf16 nibbles (``bits``/``asm``) beat the float32 decode everywhere, the
     plain orientation beats ``swap`` at most shapes; M=1 also tries the CUDA-core GEMV."""
@@ -84,7 +100,36 @@ def candidates(m: int, n: int, k: int, fmt: FP4Format) -> list[BlockConfig]:
             BlockConfig(128, 256, 64, 1, 8, 3, dequant="asm"),
             BlockConfig(128, 128, 64, 1, 8, 3, dequant="asm"),
         ]
+    if scheme == "mxfp4_w4a8":
+        return fp8_candidates(m, n, k)
     return cands if fmt is FP4Format.NVFP4 else cands[:1]
+
+
+def fp8_candidates(m: int, n: int, k: int) -> list[BlockConfig]:
+    """MXFP4 W4A8: the W4A16 kernel's pick for this M (on the exact FP8 values), then FP8-kernel
+    tiles (``bm >= 64``: smaller tiles would use sm_90's emulated FP8 ``mma.sync``)."""
+    split = pallas_backend.default_split
+    base = pallas_backend.choose_config(m, n, k, FP4Format.MXFP4, "bf16")
+    tiles = FP8_TILES_DECODE if m <= 64 else FP8_TILES
+    out = [base]
+    for bm, bn, bk, warps, stages, swap in tiles:
+        sp = split(n, k, bn, bk, 132) if m <= 256 else 1
+        out.append(BlockConfig(bm, bn, bk, sp, warps, stages, swap, "fp8"))
+    return out
+
+
+# (bm, bn, bk, num_warps, num_stages, swap) for the FP8 kernel; kernels/tune_w4a16.py --scheme w4a8
+FP8_TILES = [
+    (128, 128, 128, 8, 3, False),
+    (128, 256, 128, 8, 3, False),
+    (128, 128, 64, 4, 4, False),
+    (128, 128, 128, 4, 3, False),
+    (256, 128, 128, 8, 3, False),
+    (128, 128, 128, 8, 3, True),
+    (64, 128, 128, 4, 3, False),
+    (128, 64, 128, 4, 3, False),
+]
+FP8_TILES_DECODE = [(64, 64, 128, 4, 3, False), (64, 128, 128, 4, 3, False), (64, 128, 256, 4, 3, False)]
 
 
 def main() -> None:
@@ -97,51 +142,64 @@ def main() -> None:
     key = jax.random.key(0)
     for k, n in SHAPES:
         wb = [jax.random.normal(jax.random.fold_in(key, i), (n, k), jnp.bfloat16) for i in range(COPIES)]
-        qn = [random_weight(jax.random.fold_in(key, 100 + i), n, k, FP4Format.NVFP4) for i in range(COPIES)]
-        qm = [random_weight(jax.random.fold_in(key, 200 + i), n, k, FP4Format.MXFP4) for i in range(COPIES)]
-        pn = [jaxfp4.make_params(q, NVFP4W4A16()) for q in qn]
-        pm = [jaxfp4.make_params(q, MXFP4W4A16()) for q in qm]
+        weights = {
+            fmt: [random_weight(jax.random.fold_in(key, salt + i), n, k, fmt) for i in range(COPIES)]
+            for fmt, salt in ((FP4Format.NVFP4, 100), (FP4Format.MXFP4, 200))
+        }
+        params = {
+            scheme: [jaxfp4.make_params(q, recipe, input_scale=scale) for q in weights[fmt]]
+            for scheme, (fmt, recipe, scale) in SCHEMES.items()
+            if scheme in RUN
+        }
         for m in MS:
             x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
             bf16 = time_op(lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype), x, wb)
-            for scheme, ps in (("nvfp4_w4a16", pn), ("mxfp4_w4a16", pm)):
+            for scheme, ps in params.items():
                 rec = dict(scheme=scheme, M=m, K=k, N=n)
                 records.append({**rec, "backend": "bf16", "us": bf16})
                 xla = time_op(lambda x, p: jaxfp4.fp4_linear(x, p, backend="xla"), x, ps)
                 records.append({**rec, "backend": "xla", "us": xla})
                 fmt = ps[0].weight.format
-                cands = candidates(m, n, k, fmt) if time.time() - t_start < BUDGET_S else [None]
+                acts = "fp8" if scheme == "mxfp4_w4a8" else "bf16"
+                sweep = scheme in SWEEP and time.time() - t_start < BUDGET_S
+                cands = candidates(m, n, k, fmt, scheme) if sweep else [None]
                 best = None
+                saved = pallas_backend._TUNED.get(device)
                 for cfg in cands:
-                    pallas_backend._TUNED.pop(device, None)
                     if cfg is not None:
-                        pallas_backend._TUNED[device] = [pallas_backend.tuned_entry(m, n, k, fmt, cfg)]
+                        pallas_backend._TUNED[device] = [pallas_backend.tuned_entry(m, n, k, fmt, cfg, acts)]
                     try:
                         us = time_op(lambda x, p: jaxfp4.fp4_linear(x, p, backend="pallas"), x, ps)
                     except Exception as e:  # a config that fails to compile is skipped, and said so
                         print("  config failed", cfg, type(e).__name__, str(e)[:200], flush=True)
                         continue
-                    print(f"  {scheme} M={m} K={k} N={n} {cfg} -> {us:.1f} us", flush=True)
+                    used = cfg or pallas_backend.choose_config(m, n, k, fmt, acts)
+                    print(f"  {scheme} M={m} K={k} N={n} {used} -> {us:.1f} us", flush=True)
                     if best is None or us < best[0]:
-                        best = (us, cfg)
+                        best = (us, used)
                 pallas_backend._TUNED.pop(device, None)
-                chosen = None if best[1] is None else dataclasses.asdict(best[1])
-                records.append({**rec, "backend": "pallas", "us": best[0], "config": chosen})
-                if best[1] is not None:
-                    entry = pallas_backend.tuned_entry(m, n, k, fmt, best[1])
-                    tuned.setdefault((entry["m_bucket"], n, k, fmt.value), entry)
+                if saved is not None:
+                    pallas_backend._TUNED[device] = saved
+                records.append({**rec, "backend": "pallas", "us": best[0], "config": dataclasses.asdict(best[1])})
+                if sweep:
+                    entry = pallas_backend.tuned_entry(m, n, k, fmt, best[1], acts)
+                    tuned.setdefault((entry["m_bucket"], n, k, fmt.value, acts), entry)
                 print(
                     f"{scheme:12s} M={m:5d} K={k:5d} N={n:5d} bf16 {bf16:8.1f} xla {xla:8.1f} pallas {best[0]:8.1f}"
                     f"  speedup {bf16 / best[0]:.2f}x",
                     flush=True,
                 )
-        del wb, qn, qm, pn, pm
+        del wb, weights, params
+        save(out, device, records, tuned)  # after every shape: a run cut short still leaves its data
+    plot(records, device, f"{out}/gemm-{device.replace(' ', '_')}.png")
+
+
+def save(out: str, device: str, records: list[dict], tuned: dict) -> None:
     safe = device.replace(" ", "_")
     with open(f"{out}/gemm-{safe}.json", "w") as f:
         json.dump({"device": device, "jax": jax.__version__, "copies": COPIES, "records": records}, f, indent=1)
     with open(f"{out}/configs-{safe}.json", "w") as f:
         json.dump({"device_kind": device, "configs": list(tuned.values())}, f, indent=1)
-    plot(records, device, f"{out}/gemm-{safe}.png")
 
 
 def plot(records, device, path) -> None:
@@ -153,8 +211,9 @@ def plot(records, device, path) -> None:
     except ImportError:
         print("matplotlib missing: no plot", file=sys.stderr)
         return
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, scheme in zip(axes, ("nvfp4_w4a16", "mxfp4_w4a16"), strict=True):
+    schemes = [s for s in SCHEMES if any(r["scheme"] == s for r in records)]
+    fig, axes = plt.subplots(1, len(schemes), figsize=(6 * len(schemes), 4.5), squeeze=False)
+    for ax, scheme in zip(axes[0], schemes, strict=True):
         for k, n in SHAPES:
             sp = []
             for m in MS:

@@ -6,6 +6,8 @@ tiles, split-K, warps, stages) on the given shapes with the method of ``bench_ge
 ``$OUT/tune-<device>.json`` with every record, so that the choice of defaults is traceable.
 
 Usage: ``python kernels/tune_w4a16.py [--shapes 4096x14336,...] [--ms 1,16,128,4096] [--formats nvfp4,mxfp4]``
+``--scheme w4a8`` sweeps the MXFP4 x FP8 kernel (``dequant="fp8"``) for MXFP4 W4A8 instead, with the
+W4A16 kernel's heuristic config on the exact FP8 values as the first candidate.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ import jax
 import jax.numpy as jnp
 
 import jaxfp4
-from jaxfp4.formats import MXFP4W4A16, NVFP4W4A16, FP4Format
+from jaxfp4.formats import MXFP4W4A8, MXFP4W4A16, NVFP4W4A16, FP4Format
 from jaxfp4.kernels.w4a16_triton import BlockConfig
 from jaxfp4.ops import pallas as pallas_backend
-from kernels.bench_gemm import COPIES, random_weight, time_op
+from kernels.bench_gemm import COPIES, fp8_candidates, random_weight, time_op
 
 
 def candidates(m: int, n: int, k: int, dequants: list[str], swaps: list[bool]) -> list[BlockConfig]:
@@ -52,6 +54,7 @@ def main() -> None:
     ap.add_argument("--formats", default="nvfp4")
     ap.add_argument("--dequants", default="f32,bits,asm")
     ap.add_argument("--swaps", default="0,1")
+    ap.add_argument("--scheme", default="w4a16", choices=("w4a16", "w4a8"))
     ap.add_argument("--budget-s", type=float, default=float(os.environ.get("TUNE_BUDGET_S", "420")))
     args = ap.parse_args()
     out = os.environ.get("OUT", ".")
@@ -66,20 +69,24 @@ def main() -> None:
         for fmt_name in args.formats.split(","):
             fmt = FP4Format(fmt_name)
             recipe = NVFP4W4A16() if fmt is FP4Format.NVFP4 else MXFP4W4A16()
+            acts, scale = "bf16", None
+            if args.scheme == "w4a8":
+                fmt, recipe, acts, scale = FP4Format.MXFP4, MXFP4W4A8(), "fp8", 0.02
             qs = [random_weight(jax.random.fold_in(key, 100 + i), n, k, fmt) for i in range(COPIES)]
-            ps = [jaxfp4.make_params(q, recipe) for q in qs]
+            ps = [jaxfp4.make_params(q, recipe, input_scale=scale) for q in qs]
             for m in (int(v) for v in args.ms.split(",")):
                 x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
                 bf16 = time_op(lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype), x, wb)
                 ref = jax.jit(lambda x, p: jaxfp4.fp4_linear(x, p, backend="xla"))(x, ps[0])
                 print(f"== {fmt_name} M={m} K={k} N={n}: bf16 {bf16:.1f} us", flush=True)
                 swaps = [bool(int(v)) for v in args.swaps.split(",")]
-                for cfg in candidates(m, n, k, args.dequants.split(","), swaps):
+                cands = fp8_candidates(m, n, k) if acts == "fp8" else candidates(m, n, k, args.dequants.split(","), swaps)
+                for cfg in cands:
                     if time.time() - t0 > args.budget_s:
                         print("budget spent; stopping", flush=True)
                         break
-                    pallas_backend._TUNED[device] = [pallas_backend.tuned_entry(m, n, k, fmt, cfg)]
-                    rec = dict(format=fmt_name, M=m, K=k, N=n, bf16_us=bf16, config=cfg.__dict__)
+                    pallas_backend._TUNED[device] = [pallas_backend.tuned_entry(m, n, k, fmt, cfg, acts)]
+                    rec = dict(format=fmt_name, scheme=args.scheme, M=m, K=k, N=n, bf16_us=bf16, config=cfg.__dict__)
                     try:
                         y = jax.jit(lambda x, p: jaxfp4.fp4_linear(x, p, backend="pallas"))(x, ps[0])
                         err = float(jnp.max(jnp.abs(y.astype(jnp.float32) - ref.astype(jnp.float32))))
@@ -93,7 +100,7 @@ def main() -> None:
                     records.append(rec)
                 pallas_backend._TUNED.pop(device, None)
     safe = device.replace(" ", "_")
-    with open(f"{out}/tune-{safe}.json", "w") as f:
+    with open(f"{out}/tune-{args.scheme}-{safe}.json", "w") as f:
         json.dump({"device": device, "jax": jax.__version__, "copies": COPIES, "records": records}, f, indent=1)
 
 

@@ -51,7 +51,9 @@ class BlockConfig:
     K partitions on the grid; Triton's ``num_warps`` and ``num_stages``; ``swap`` computes
     ``W @ X.T`` (weights as the dot's left operand); ``dequant`` one of :data:`DEQUANT_MODES`;
     ``mma=False`` (``bm`` must be 1) multiplies on the CUDA cores instead of the tensor cores: a
-    float32 ``[bn, bk/2]`` accumulator of elementwise products, reduced once at the end (GEMV)."""
+    float32 ``[bn, bk/2]`` accumulator of elementwise products, reduced once at the end (GEMV).
+    ``dequant="fp8"`` selects the MXFP4 x FP8 kernel of :mod:`jaxfp4.kernels.w4a8_triton`
+    (FP8 activations, FP8 tensor cores) for the same tile fields."""
 
     bm: int
     bn: int
@@ -68,12 +70,14 @@ def epilogue_exponent(cfg: BlockConfig, mx: bool) -> int:
     """``c`` such that the kernel's partials are the exact product times ``2**-c``."""
     if cfg.dequant == "f32":
         return 0
+    if cfg.dequant == "fp8":
+        return 6  # w4a8_triton.EPILOGUE_EXPONENT
     return 7 if mx else 8
 
 
 def _scale_factor(s: jax.Array, cfg: BlockConfig, mx: bool) -> jax.Array:
     """Block scales -> the float the expanded nibbles are multiplied by (f32 or bf16)."""
-    sf = codecs.decode_e8m0(s) if mx else codecs.decode_e4m3(s)
+    sf = codecs.decode_e8m0(s) if mx else s.astype(jnp.float32)  # E4M3 -> f32: exact (Triton cvt)
     if cfg.dequant == "f32":
         return sf
     return (sf * jnp.float32(2.0 ** (126 - epilogue_exponent(cfg, mx)))).astype(jnp.bfloat16)

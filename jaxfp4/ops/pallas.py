@@ -3,14 +3,21 @@
 What it computes, for all four recipes (``alpha_n`` = the weight row's global multiplier,
 1 for MXFP4):
 
-* activations prepared exactly as the "xla" backend does (W4A4: NVFP4 quantize-dequantize;
-  W4A8: FP8 values, exact in bf16, with the FP8 scale folded into the epilogue);
+* activations prepared exactly as the "xla" backend does (W4A4: NVFP4 quantize-dequantize, the
+  same function, so codes and scales are bit-identical; W4A8: the same FP8 codes, with the static
+  activation scale applied in the epilogue instead of to each activation);
 * ``y[m, n] = alpha_n * sum_k x[m, k] * (q[n, k] * s[n, k/B])`` with the E2M1 x scale product
-  exact in bf16 and float32 accumulation; bias added in float32; output in ``x.dtype``.
+  exact and float32 accumulation; bias added in float32; output in ``x.dtype``.
 
-Numerically this differs from the "xla" reference only by where the global multiplier is
-applied (the reference rounds ``q * s * alpha`` to bf16 per weight, the kernel applies
-``alpha`` to the float32 sum) and by summation order: see ``tests/ops/test_pallas.py``.
+Two kernels: the W4A16 kernel (bf16 tensor cores; every recipe) and, for MXFP4 W4A8, the FP8
+kernel (FP8 tensor cores; :mod:`jaxfp4.kernels.w4a8_triton`). For W4A8 the tuned config (or the
+heuristic) picks one by M: the FP8 kernel's config has ``dequant="fp8"``; the other takes the
+FP8 activation values as bf16 (exact).
+
+Numerically this differs from the "xla" reference only by where the global multiplier and the
+W4A8 activation scale are applied (the reference rounds ``q * s * alpha`` and ``fp8 * scale`` to
+bf16 per element, the kernels apply them to the float32 sum) and by summation order: see
+``tests/kernels/test_w4a16.py`` and ``tests/kernels/test_w4a8.py``.
 
 Shapes are padded inside (M to the row tile, N to the weight tile, K to ``bk * split_k``; zero
 codes and zero scales add nothing) and sliced back. Activations must be bfloat16.
@@ -27,7 +34,14 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 
-from jaxfp4.formats import MXFP4W4A8, NVFP4W4A4, FP4Format, fake_quantize_nvfp4_activations, quantize_fp8_static
+from jaxfp4.formats import (
+    MXFP4W4A8,
+    NVFP4W4A4,
+    FP4Format,
+    codecs,
+    fake_quantize_nvfp4_activations,
+    quantize_fp8_static,
+)
 from jaxfp4.ops.params import Fp4LinearParams
 
 NAME = "pallas"
@@ -85,19 +99,25 @@ def m_bucket(m: int) -> int:
     return next(b for b in (1, 16, 32, 64, 128, 256, 1 << 62) if m <= b)
 
 
-def tuned_entry(m: int, n: int, k: int, fmt: FP4Format, cfg) -> dict:
-    """One record of a tuned-config file (``kernels/bench_gemm.py`` writes them)."""
-    return dict(m_bucket=m_bucket(m), n=n, k=k, format=fmt.value, config=dataclasses.asdict(cfg))
+def tuned_entry(m: int, n: int, k: int, fmt: FP4Format, cfg, acts: str = "bf16") -> dict:
+    """One record of a tuned-config file (``kernels/bench_gemm.py`` writes them); ``acts`` is
+    ``"bf16"`` (W4A16, W4A4) or ``"fp8"`` (W4A8: either kernel may win)."""
+    return dict(m_bucket=m_bucket(m), n=n, k=k, format=fmt.value, acts=acts, config=dataclasses.asdict(cfg))
 
 
-def choose_config(m: int, n: int, k: int, fmt: FP4Format):
-    """A tuned config for (M bucket, N, K) on this device kind, else a heuristic one."""
+def choose_config(m: int, n: int, k: int, fmt: FP4Format, acts: str = "bf16"):
+    """A tuned config for (M bucket, N, K, activation kind) on this device kind, else a heuristic
+    one. For ``acts="fp8"`` (MXFP4 W4A8) a config with ``dequant="fp8"`` selects the FP8 kernel."""
     from jaxfp4.kernels.w4a16_triton import BlockConfig
 
     bucket = m_bucket(m)
     for rec in _TUNED.get(_device_kind(), []):
-        if (rec["m_bucket"], rec["n"], rec["k"], rec["format"]) == (bucket, n, k, fmt.value):
+        if (rec["m_bucket"], rec["n"], rec["k"], rec["format"], rec.get("acts", "bf16")) == (bucket, n, k, fmt.value, acts):
             return BlockConfig(**rec["config"])
+    if acts == "fp8":
+        # The W4A16 kernel on the exact FP8 values: on the H100 it beat the FP8 kernel at every M
+        # (kernels/results/tune-w4a8-*.json), and its float32 accumulation is exact per product.
+        return choose_config(m, n, k, fmt)
     # Untuned shapes: the patterns that won on the H100 sweep (kernels/results/bench-*.log).
     if m <= 16:
         return BlockConfig(16, 128, 512, default_split(n, k, 128, 512), num_warps=8, num_stages=3, dequant="asm")
@@ -119,6 +139,7 @@ def default_split(n: int, k: int, bn: int, bk: int, programs: int = 264) -> int:
 
 
 def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None, out_dtype: jnp.dtype) -> jax.Array:
+    from jaxfp4.kernels.w4a8_triton import mxfp4_fp8_matmul_partials
     from jaxfp4.kernels.w4a16_triton import epilogue_exponent, fp4_matmul_partials
 
     w = params.weight
@@ -127,13 +148,17 @@ def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None, out_d
     x2 = x.reshape(-1, w.k)
     alpha = w.row_global_multiplier()
     alpha = jnp.ones((w.n,), jnp.float32) if alpha is None else alpha
+    acts = "bf16"
     if isinstance(r, NVFP4W4A4):
         x2 = fake_quantize_nvfp4_activations(x2, params.input_scale, mode=r.activation_mode)
     elif isinstance(r, MXFP4W4A8):
-        x2 = quantize_fp8_static(x2, params.input_scale).astype(jnp.bfloat16)  # exact
+        x2 = quantize_fp8_static(x2, params.input_scale)  # FP8 codes; the scale goes to the epilogue
         alpha = alpha * params.input_scale
+        acts = "fp8"
     m = x2.shape[0]
-    cfg = choose_config(m, w.n, w.k, w.format)
+    cfg = choose_config(m, w.n, w.k, w.format, acts)
+    if acts == "fp8" and cfg.dequant != "fp8":
+        x2 = codecs.decode_e4m3(x2).astype(jnp.bfloat16)  # exact; from the bits (see decode_e4m3)
     mp = -(-m // cfg.bm) * cfg.bm
     np_ = -(-w.n // cfg.bn) * cfg.bn
     kq = cfg.bk * cfg.split_k
@@ -145,7 +170,10 @@ def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None, out_d
         scales = jnp.pad(scales, ((0, np_ - w.n), (0, (kp - w.k) // bs)))
     x2 = jnp.pad(x2, ((0, mp - m), (0, kp - w.k))) if (mp, kp) != (m, w.k) else x2
     mx = w.format is FP4Format.MXFP4
-    parts = fp4_matmul_partials(x2, codes, scales, cfg=cfg, mx=mx, interpret=_interpret)
+    if cfg.dequant == "fp8":
+        parts = mxfp4_fp8_matmul_partials(x2, codes, scales, cfg=cfg, interpret=_interpret)
+    else:
+        parts = fp4_matmul_partials(x2, codes, scales, cfg=cfg, mx=mx, interpret=_interpret)
     alpha = alpha * jnp.float32(2.0 ** epilogue_exponent(cfg, mx))  # exact: a power of two
     y = parts.sum(0)[:m, : w.n] * alpha[None, :]
     if bias is not None:
