@@ -66,14 +66,14 @@ def _nvfp4_blocks(x: jax.Array, global_scale: jax.Array, mode: ActivationQuant) 
         # g * (amax * c) into amax * (g * c) under jit (a different rounding in ~0.3% of blocks).
         local = jax.lax.optimization_barrier(amax * jnp.float32(1.0 / 6.0))
         sf = codecs.encode_e4m3(g * local)
-        sf_f = sf.astype(jnp.float32)
+        sf_f = codecs.decode_e4m3(sf)  # from the bits: no convert pair for XLA to fold
         scaled = xf * _vllm_rcp(sf_f * _vllm_rcp(g))[..., None]
         dq = codecs.div_exact(sf_f, g)
     elif mode is ActivationQuant.COMPRESSED_TENSORS:
         local = codecs.round_to(codecs.div_exact(amax, jnp.float32(6.0)), x.dtype)
         sf = codecs.encode_e4m3(g * local)
-        sf = jnp.where(sf.astype(jnp.float32) == 0, jnp.float8_e4m3fn(0.125), sf)
-        dq = codecs.div_exact(sf.astype(jnp.float32), g)
+        sf = jnp.where(codecs.decode_e4m3(sf) == 0, jnp.float8_e4m3fn(0.125), sf)
+        dq = codecs.div_exact(codecs.decode_e4m3(sf), g)
         scaled = codecs.div_exact(xf, dq[..., None])
     else:
         raise ValueError(f"unknown activation quantization mode {mode!r}")
@@ -117,4 +117,4 @@ def quantize_fp8_static(x: jax.Array, input_scale: jax.Array) -> jax.Array:
 def fake_quantize_fp8_static(x: jax.Array, input_scale: jax.Array) -> jax.Array:
     """``dtype(f32(fp8) * input_scale)`` of :func:`quantize_fp8_static` (Quark/vLLM QDQ)."""
     s = jnp.asarray(input_scale).astype(jnp.float32).reshape(())
-    return (quantize_fp8_static(x, input_scale).astype(jnp.float32) * s).astype(x.dtype)
+    return (codecs.decode_e4m3(quantize_fp8_static(x, input_scale)) * s).astype(x.dtype)

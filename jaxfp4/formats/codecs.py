@@ -31,19 +31,55 @@ E2M1_VALUES = np.array(
 
 
 def div_exact(a: jax.Array, b: jax.Array) -> jax.Array:
-    """IEEE elementwise ``a / b`` (one rounding), broadcasting like ``jnp.divide``.
+    """IEEE float32 ``a / b`` rounded to nearest even, on every backend; broadcasts like ``jnp.divide``.
 
-    XLA's algebraic simplifier rewrites a division by a broadcast or a constant into a
-    multiplication by its reciprocal (``a / 6.0`` -> ``a * 0.16666667``), which differs from
-    IEEE division in about a third of cases. Every division whose bits matter goes through
-    here: the optimization barrier hides the divisor's broadcast from the simplifier.
-
-    Exact (IEEE) on XLA:CPU, which is where the bit-exactness tests run. On XLA:GPU (H100,
-    jax 0.11.2) float32 division itself is not correctly rounded (measured: 12-17% of quotients
-    differ from numpy), so divide-based recipes are not bit-exact there yet.
+    Two things stand between ``/`` and that. XLA's algebraic simplifier rewrites a division by a
+    constant or a broadcast into a multiplication by its reciprocal (another rounding): the
+    optimization barrier hides the divisor. And XLA:GPU lowers float32 division to PTX
+    ``div.full.f32`` (about 2 ulp; measured on the H100: 27% of random quotients differ from
+    numpy), so off the CPU the quotient is computed by :func:`div_rn_integer`, which no pass
+    rewrites. XLA:CPU's division is IEEE and is kept there (the integer loop inside reduction
+    fusions made XLA:CPU compile for minutes).
     """
-    a, b = jnp.broadcast_arrays(jnp.asarray(a), jnp.asarray(b))
-    return a / jax.lax.optimization_barrier(b)
+    a, b = jnp.broadcast_arrays(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+    b = jax.lax.optimization_barrier(b)
+    return jax.lax.platform_dependent(a, b, cpu=jnp.divide, default=div_rn_integer)
+
+
+def div_rn_integer(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Float32 ``a / b``, correctly rounded, with integer arithmetic (any backend).
+
+    The 24-bit significands are divided by restoring long division (25 quotient bits plus a
+    sticky remainder, all in ``uint32``) and rounded to nearest even; the exponent is the
+    difference of the operands'. Zeros, infinities, NaNs, subnormal operands and results outside
+    float32's normal range take the backend's ``/`` (exact for zeros, infinities and NaNs).
+    """
+    a, b = jnp.broadcast_arrays(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+    ia = jax.lax.bitcast_convert_type(a, jnp.uint32)
+    ib = jax.lax.bitcast_convert_type(b, jnp.uint32)
+    ea = ((ia >> 23) & 0xFF).astype(jnp.int32)
+    eb = ((ib >> 23) & 0xFF).astype(jnp.int32)
+    ma = (ia & 0x7FFFFF) | 0x800000
+    mb = (ib & 0x7FFFFF) | 0x800000
+    # q = floor(ma * 2**25 / mb), in [2**24, 2**26): ma / mb is in (1/2, 2).
+    q = (ma >= mb).astype(jnp.uint32)
+    r = ma - q * mb
+    for _ in range(25):
+        r = r << 1
+        bit = (r >= mb).astype(jnp.uint32)
+        r = r - bit * mb
+        q = (q << 1) | bit
+    wide = q >= (1 << 25)  # ma >= mb: 26 quotient bits, else 25
+    mant = jnp.where(wide, q >> 2, q >> 1)
+    half = jnp.where(wide, (q >> 1) & 1, q & 1)
+    sticky = jnp.where(wide, q & 1, 0) | (r != 0).astype(jnp.uint32)
+    mant = mant + (half & (sticky | (mant & 1)))
+    e = ea - eb + jnp.where(wide, 127, 126) + (mant >> 24).astype(jnp.int32)
+    mant = jnp.where(mant >> 24 != 0, mant >> 1, mant)
+    bits = ((ia ^ ib) & jnp.uint32(0x80000000)) | (e.astype(jnp.uint32) << 23) | (mant & 0x7FFFFF)
+    exact = jax.lax.bitcast_convert_type(bits, jnp.float32)
+    ok = (ea > 0) & (ea < 255) & (eb > 0) & (eb < 255) & (e > 0) & (e < 255)
+    return jnp.where(ok, exact, a / jax.lax.optimization_barrier(b))
 
 
 def round_to(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
@@ -136,10 +172,21 @@ def encode_e4m3(x: jax.Array) -> jax.Array:
 
 
 def decode_e4m3(s: jax.Array) -> jax.Array:
-    """``float8_e4m3fn`` (or its raw ``uint8`` bytes) -> float32, exactly."""
-    if s.dtype == jnp.uint8:
-        s = jax.lax.bitcast_convert_type(s, jnp.float8_e4m3fn)
-    return s.astype(jnp.float32)
+    """``float8_e4m3fn`` (or its raw ``uint8`` bytes) -> float32, exactly, built from the bits.
+
+    Not ``astype``: with XLA's default ``--xla_allow_excess_precision=true``, a float32 -> E4M3 ->
+    float32 convert pair inside one program may be folded away (the FP8 rounding lost), and on the
+    H100 the FP8-quantized activations of W4A8 / the NVFP4 activation scales came out different
+    from the CPU's without the flag. Integer operations on the bytes are never folded: normals are
+    ``(e + 120) << 23 | m << 20`` in float32 bits, subnormals ``m * 2**-9``, ``0x7F``/``0xFF`` NaN.
+    """
+    u = (s if s.dtype == jnp.uint8 else jax.lax.bitcast_convert_type(s, jnp.uint8)).astype(jnp.uint32)
+    e = (u >> 3) & 0xF
+    m = u & 0x7
+    normal = jax.lax.bitcast_convert_type(((u & 0x80) << 24) | ((e + 120) << 23) | (m << 20), jnp.float32)
+    sub = m.astype(jnp.float32) * jnp.float32(2.0**-9) * jnp.where(u >= 0x80, jnp.float32(-1.0), jnp.float32(1.0))
+    out = jnp.where(e == 0, sub, normal)
+    return jnp.where((u & 0x7F) == 0x7F, jnp.float32(jnp.nan), out)
 
 
 def decode_e8m0(e: jax.Array) -> jax.Array:

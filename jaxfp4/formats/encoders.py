@@ -68,8 +68,8 @@ def quantize_nvfp4_llmcompressor(parts: Sequence[jax.Array] | jax.Array) -> Quan
         wf = p.astype(jnp.float32)
         local = codecs.round_to(codecs.div_exact(_group_amax(wf, 16), jnp.float32(6.0)), dt)
         s = codecs.encode_e4m3(gs * local)
-        s = jnp.where(s.astype(jnp.float32) == 0, jnp.float8_e4m3fn(0.125), s)
-        eff = codecs.div_exact(s.astype(jnp.float32), gs)
+        s = jnp.where(codecs.decode_e4m3(s) == 0, jnp.float8_e4m3fn(0.125), s)
+        eff = codecs.div_exact(codecs.decode_e4m3(s), gs)
         scaled = codecs.div_exact(wf.reshape(n, k // 16, 16), eff[..., None])
         out.append(
             QuantizedTensor(
@@ -103,7 +103,7 @@ def quantize_nvfp4_modelopt(parts: Sequence[jax.Array] | jax.Array) -> Quantized
         pbs = codecs.div_exact(_group_amax(wf, 16), jnp.float32(6.0) * ws2)
         pbs = jnp.where(pbs == 0, jnp.float32(1.0), pbs)
         s = jnp.clip(pbs, jnp.float32(2.0**-9), jnp.float32(448.0)).astype(jnp.float8_e4m3fn)
-        eff = s.astype(jnp.float32) * ws2
+        eff = codecs.decode_e4m3(s) * ws2
         scaled = jnp.clip(codecs.div_exact(wf.reshape(n, k // 16, 16), eff[..., None]), -6.0, 6.0)
         mag = codecs.encode_e2m1(jnp.abs(scaled))
         codes = mag | ((scaled < 0).astype(jnp.uint8) << 3)
