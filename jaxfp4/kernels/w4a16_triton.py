@@ -178,6 +178,12 @@ def _kernel(xe_ref, xo_ref, w_ref, s_ref, o_ref, *, cfg: BlockConfig, steps: int
         acc = acc + jax.lax.dot_general(xe, lo, nt, preferred_element_type=jnp.float32)
         return acc + jax.lax.dot_general(xo, hi, nt, preferred_element_type=jnp.float32)
 
+    run_k_loop(o_ref, step, cfg=cfg, steps=steps, n0=n0, m0=m0, split=split)
+
+
+def run_k_loop(o_ref, step, *, cfg: BlockConfig, steps: int, n0, m0, split) -> None:
+    """Run ``acc = step(i, acc)`` over the split's K steps from a float32 zero tile (``[bn, bm]``
+    when ``cfg.swap``) and store it as the ``[bm, bn]`` / ``[bn, bm]`` tile of partials ``split``."""
     shape = (cfg.bn, cfg.bm) if cfg.swap else (cfg.bm, cfg.bn)
     acc = jax.lax.fori_loop(0, steps, step, jnp.zeros(shape, jnp.float32))
     if cfg.swap:

@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from jaxfp4.formats import codecs
-from jaxfp4.kernels.w4a16_triton import BlockConfig
+from jaxfp4.kernels.w4a16_triton import BlockConfig, run_k_loop
 
 MX_BLOCK = 32
 #: The kernel's partials are the exact product times ``2**-EPILOGUE_EXPONENT``.
@@ -81,12 +81,7 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, *, cfg: BlockConfig, steps: int):
                 acc = acc + jax.lax.dot_general(x, wq, nt, preferred_element_type=jnp.float32) * sf[None, :]
         return acc
 
-    shape = (cfg.bn, cfg.bm) if cfg.swap else (cfg.bm, cfg.bn)
-    acc = jax.lax.fori_loop(0, steps, step, jnp.zeros(shape, jnp.float32))
-    if cfg.swap:
-        o_ref[split, pl.ds(n0, cfg.bn), pl.ds(m0, cfg.bm)] = acc
-    else:
-        o_ref[split, pl.ds(m0, cfg.bm), pl.ds(n0, cfg.bn)] = acc
+    run_k_loop(o_ref, step, cfg=cfg, steps=steps, n0=n0, m0=m0, split=split)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
