@@ -19,6 +19,7 @@ Writes ``$OUT/gemm-<device>.json`` ({"device", "records": [{scheme, M, K, N, bac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -164,12 +165,15 @@ def main() -> None:
                 sweep = scheme in SWEEP and time.time() - t_start < BUDGET_S
                 cands = candidates(m, n, k, fmt, scheme) if sweep else [None]
                 best = None
-                saved = pallas_backend._TUNED.get(device)
                 for cfg in cands:
-                    if cfg is not None:
-                        pallas_backend._TUNED[device] = [pallas_backend.tuned_entry(m, n, k, fmt, cfg, acts)]
+                    override = (
+                        contextlib.nullcontext()
+                        if cfg is None
+                        else pallas_backend.tuned_override([pallas_backend.tuned_entry(m, n, k, fmt, cfg, acts)])
+                    )
                     try:
-                        us = time_op(lambda x, p: jaxfp4.fp4_linear(x, p, backend="pallas"), x, ps)
+                        with override:
+                            us = time_op(lambda x, p: jaxfp4.fp4_linear(x, p, backend="pallas"), x, ps)
                     except Exception as e:  # a config that fails to compile is skipped, and said so
                         print("  config failed", cfg, type(e).__name__, str(e)[:200], flush=True)
                         continue
@@ -177,9 +181,6 @@ def main() -> None:
                     print(f"  {scheme} M={m} K={k} N={n} {used} -> {us:.1f} us", flush=True)
                     if best is None or us < best[0]:
                         best = (us, used)
-                pallas_backend._TUNED.pop(device, None)
-                if saved is not None:
-                    pallas_backend._TUNED[device] = saved
                 records.append({**rec, "backend": "pallas", "us": best[0], "config": dataclasses.asdict(best[1])})
                 if sweep:
                     entry = pallas_backend.tuned_entry(m, n, k, fmt, best[1], acts)

@@ -77,17 +77,14 @@ def layer_paths(m: int = 16, k: int = 4096, n: int = 14336) -> list[dict]:
     ws = wq * np.repeat(np.asarray(codecs.decode_e8m0(q.scales), np.float64), 32, axis=1)
     exact = np.asarray(x8.astype(np.float32), np.float64) @ ws.T * np.float64(np.float32(0.02))
     out = [dict(check="fp8 codes GPU vs CPU", mismatches=int((x8_gpu != np.asarray(x8).view(np.uint8)).sum()))]
-    dev = jax.devices()[0].device_kind
     for name, cfg in (
         ("xla", None),
         ("w4a16 kernel", BlockConfig(16, 64, 256, 2, 4, 3, dequant="bits")),
         ("fp8 kernel", BlockConfig(64, 128, 128, 2, 4, 3, dequant="fp8")),
     ):
-        if cfg is not None:
-            pb._TUNED[dev] = [pb.tuned_entry(m, n, k, FP4Format.MXFP4, cfg, "fp8")]
         backend = "xla" if cfg is None else "pallas"
-        y = jax.jit(lambda x, p, backend=backend: fp4_linear(x, p, backend=backend))(x, p)
-        pb._TUNED.pop(dev, None)
+        with pb.tuned_override([] if cfg is None else [pb.tuned_entry(m, n, k, FP4Format.MXFP4, cfg, "fp8")]):
+            y = jax.jit(lambda x, p, backend=backend: fp4_linear(x, p, backend=backend))(x, p)
         err = np.abs(np.asarray(y, np.float64) - exact)
         out.append(dict(path=name, max_err_over_max_y=float(err.max() / np.abs(exact).max())))
     for r in out:

@@ -94,6 +94,21 @@ def _load_tuned() -> dict[str, list[dict]]:
 _TUNED = _load_tuned()
 
 
+@contextlib.contextmanager
+def tuned_override(entries: list[dict]) -> Iterator[None]:
+    """Use ``entries`` (records from :func:`tuned_entry`) as this device kind's tuned configs inside
+    the block, then restore what was there (for tests and the kernel lab's sweeps)."""
+    device = _device_kind()
+    saved = _TUNED.get(device)
+    _TUNED[device] = list(entries)
+    try:
+        yield
+    finally:
+        _TUNED.pop(device, None)
+        if saved is not None:
+            _TUNED[device] = saved
+
+
 def m_bucket(m: int) -> int:
     """The row-count bucket that tuned configs are keyed by (``1 << 62``: any larger M)."""
     return next(b for b in (1, 16, 32, 64, 128, 256, 1 << 62) if m <= b)

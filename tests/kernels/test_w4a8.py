@@ -115,17 +115,10 @@ def test_w4a8_fp8_kernel_matches_xla_in_interpret_mode(cfg, lead, n, k):
     p = _params(MXFP4W4A8(), n, k)
     x = jax.random.normal(jax.random.key(7), (*lead, k), jnp.float32).astype(jnp.bfloat16)
     m = int(np.prod(lead))
-    device = pallas_backend._device_kind()
-    saved = pallas_backend._TUNED.get(device)
-    pallas_backend._TUNED[device] = [pallas_backend.tuned_entry(m, n, k, p.weight.format, cfg, acts="fp8")]
-    try:
+    with pallas_backend.tuned_override([pallas_backend.tuned_entry(m, n, k, p.weight.format, cfg, acts="fp8")]):
         assert pallas_backend.choose_config(m, n, k, p.weight.format, "fp8") == cfg
         with pallas_interpret():
             y = jax.jit(lambda x, p: jaxfp4.fp4_linear(x, p, backend="pallas"))(x, p)
-    finally:
-        pallas_backend._TUNED.pop(device)
-        if saved is not None:
-            pallas_backend._TUNED[device] = saved
     _check_against_reference(x, p, y)
 
 
@@ -133,19 +126,13 @@ def test_w4a8_default_is_the_w4a16_kernel_and_a_tuned_fp8_entry_is_honoured():
     """Untuned shapes run the W4A16 kernel on the FP8 values (faster on the H100 at every M); a
     tuned-config record with ``dequant="fp8"`` selects the FP8 kernel."""
     fmt = MXFP4W4A8().weight_format
-    device = pallas_backend._device_kind()
-    saved = pallas_backend._TUNED.pop(device, None)
-    try:
+    choose = pallas_backend.choose_config
+    with pallas_backend.tuned_override([]):
         for m in (1, 16, 128, 4096):
-            choose = pallas_backend.choose_config
             assert choose(m, 4096, 4096, fmt, "fp8") == choose(m, 4096, 4096, fmt)
-        pallas_backend._TUNED[device] = [pallas_backend.tuned_entry(4096, 4096, 4096, fmt, VARIANTS[1], acts="fp8")]
-        assert pallas_backend.choose_config(3000, 4096, 4096, fmt, "fp8") == VARIANTS[1]
-        assert pallas_backend.choose_config(3000, 4096, 4096, fmt, "bf16").dequant != "fp8"
-    finally:
-        pallas_backend._TUNED.pop(device, None)
-        if saved is not None:
-            pallas_backend._TUNED[device] = saved
+    with pallas_backend.tuned_override([pallas_backend.tuned_entry(4096, 4096, 4096, fmt, VARIANTS[1], acts="fp8")]):
+        assert choose(3000, 4096, 4096, fmt, "fp8") == VARIANTS[1]
+        assert choose(3000, 4096, 4096, fmt, "bf16").dequant != "fp8"
 
 
 def test_fp8_kernel_refuses_wrong_inputs():
