@@ -16,7 +16,7 @@ from jaxfp4.formats import (
     Recipe,
     dequantize,
 )
-from jaxfp4.ops import Fp4LinearParams, fp4_linear, make_params
+from jaxfp4.ops import Fp4LinearParams, fp4_linear, make_params, prepare_weights
 
 __version__ = "0.1.0"
 
@@ -38,4 +38,5 @@ __all__ = [
     "fp4_linear",
     "load_checkpoint",
     "make_params",
+    "prepare_weights",
 ]

@@ -126,6 +126,8 @@ def param_specs(params: Fp4LinearParams, tp: TensorParallel) -> Fp4LinearParams:
 
 
 def _prepared(params: Fp4LinearParams, tp: TensorParallel) -> Fp4LinearParams:
+    # A kernel layout is of the whole weight; shards run from the reference layout.
+    params = dataclasses.replace(params, kernel_layout=None)
     if tp.mode is Parallel.COLUMN:
         return dataclasses.replace(params, weight=per_row_global_scale(params.weight))
     return params

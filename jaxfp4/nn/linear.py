@@ -22,7 +22,7 @@ from jaxfp4.formats import (
     quantize_nvfp4_llmcompressor,
     quantize_nvfp4_modelopt,
 )
-from jaxfp4.ops import Fp4LinearParams, fp4_linear
+from jaxfp4.ops import Fp4LinearParams, KernelLayout, fp4_linear
 from jaxfp4.sharding import TensorParallel, shard_params, tp_linear
 
 
@@ -45,6 +45,8 @@ class Fp4Linear(nnx.Module):
       backend: ``None`` (auto), ``"pallas"`` or ``"xla"``.
       tp: optional :class:`jaxfp4.sharding.TensorParallel`: the params are placed on its mesh
         (column: split along N, row: along K) and each call runs per shard under ``shard_map``.
+      kernel_layout: optional :class:`jaxfp4.ops.KernelLayout` of ``weight`` (from
+        :func:`jaxfp4.prepare_weights`) for the GPU decode kernel; dropped under ``tp``.
 
     >>> import jax, jax.numpy as jnp, jaxfp4
     >>> dense = nnx.Linear(64, 32, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)
@@ -64,6 +66,7 @@ class Fp4Linear(nnx.Module):
         bias: jax.Array | None = None,
         backend: str | None = None,
         tp: TensorParallel | None = None,
+        kernel_layout: KernelLayout | None = None,
     ):
         if weight.shape != (out_features, in_features):
             raise ValueError(f"weight shape {weight.shape} != (out_features, in_features) = {(out_features, in_features)}")
@@ -78,10 +81,12 @@ class Fp4Linear(nnx.Module):
             input_scale=None if input_scale is None else jnp.asarray(input_scale, jnp.float32).reshape(()),
             bias=None if bias is None else jnp.asarray(bias),
             recipe=recipe,
+            kernel_layout=None if tp is not None else kernel_layout,
         ).validate(name)
         if tp is not None:
             p = shard_params(p, tp, name)
         self.weight = QuantizedParam(p.weight)
+        self.kernel_layout = None if p.kernel_layout is None else QuantizedParam(p.kernel_layout)
         self.input_scale = None if p.input_scale is None else nnx.Param(p.input_scale)
         self.bias = None if p.bias is None else nnx.Param(p.bias)
 
@@ -92,6 +97,7 @@ class Fp4Linear(nnx.Module):
             input_scale=None if self.input_scale is None else self.input_scale.get_value(),
             bias=None if self.bias is None else self.bias.get_value(),
             recipe=self.recipe,
+            kernel_layout=None if self.kernel_layout is None else self.kernel_layout.get_value(),
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -113,6 +119,7 @@ class Fp4Linear(nnx.Module):
             bias=params.bias,
             backend=backend,
             tp=tp,
+            kernel_layout=params.kernel_layout,
         )
 
     @classmethod

@@ -1,15 +1,17 @@
 """How to compute: ``fp4_linear`` (the one dispatch point), layer params, and the backends."""
 
 from jaxfp4.ops.dispatch import BACKENDS, Backend, fp4_linear, select_backend
-from jaxfp4.ops.pallas import pallas_interpret
-from jaxfp4.ops.params import Fp4LinearParams, make_params
+from jaxfp4.ops.pallas import pallas_interpret, prepare_weights
+from jaxfp4.ops.params import Fp4LinearParams, KernelLayout, make_params
 
 __all__ = [
     "BACKENDS",
     "Backend",
     "Fp4LinearParams",
+    "KernelLayout",
     "fp4_linear",
     "make_params",
     "pallas_interpret",
+    "prepare_weights",
     "select_backend",
 ]

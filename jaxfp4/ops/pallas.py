@@ -1,4 +1,4 @@
-"""The "pallas" backend: FP4-weight GEMM kernels for NVIDIA GPUs (Pallas, Triton lowering).
+"""The "pallas" backend: FP4-weight GEMM kernels for NVIDIA GPUs (Pallas: Mosaic GPU and Triton).
 
 What it computes, for all four recipes (``alpha_n`` = the weight row's global multiplier,
 1 for MXFP4):
@@ -9,10 +9,14 @@ What it computes, for all four recipes (``alpha_n`` = the weight row's global mu
 * ``y[m, n] = alpha_n * sum_k x[m, k] * (q[n, k] * s[n, k/B])`` with the E2M1 x scale product
   exact and float32 accumulation; bias added in float32; output in ``x.dtype``.
 
-Two kernels: the W4A16 kernel (bf16 tensor cores; every recipe) and, for MXFP4 W4A8, the FP8
-kernel (FP8 tensor cores; :mod:`jaxfp4.kernels.w4a8_triton`). For W4A8 the tuned config (or the
-heuristic) picks one by M: the FP8 kernel's config has ``dequant="fp8"``; the other takes the
-FP8 activation values as bf16 (exact).
+Kernels: for decode (``M <= 64``) on params carrying a :class:`~jaxfp4.ops.params.KernelLayout`
+(made once by :func:`prepare_weights`), the Mosaic GPU kernel (:mod:`jaxfp4.kernels.w4a16_mgpu`:
+TMA pipeline, weights expanded in registers straight into wgmma); otherwise the Triton-lowered
+W4A16 kernel (bf16 tensor cores; every recipe) and, for MXFP4 W4A8, the FP8 kernel (FP8 tensor
+cores; :mod:`jaxfp4.kernels.w4a8_triton`). For W4A8 the tuned config (or the heuristic) picks one
+of the Triton kernels by M: the FP8 kernel's config has ``dequant="fp8"``; the others take the
+FP8 activation values as bf16 (exact). Params without a kernel layout never get one silently
+(re-laying out a weight on every call would cost a full pass over it).
 
 Numerically this differs from the "xla" reference only by where the global multiplier and the
 W4A8 activation scale are applied (the reference rounds ``q * s * alpha`` and ``fp8 * scale`` to
@@ -42,7 +46,7 @@ from jaxfp4.formats import (
     fake_quantize_nvfp4_activations,
     quantize_fp8_static,
 )
-from jaxfp4.ops.params import Fp4LinearParams
+from jaxfp4.ops.params import Fp4LinearParams, KernelLayout
 
 NAME = "pallas"
 _CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "kernels" / "configs"
@@ -153,6 +157,64 @@ def default_split(n: int, k: int, bn: int, bk: int, programs: int = 264) -> int:
     return split
 
 
+MGPU_MAX_M = 64  # decode rows served by the Mosaic GPU kernel (tokens are wgmma's narrow side)
+
+
+def prepare_weights(params: Fp4LinearParams) -> Fp4LinearParams:
+    """``params`` plus a :class:`KernelLayout` of its weight for the Mosaic GPU decode kernel.
+
+    Pure (a new pytree; ``params`` is untouched) and done once, at load time: it rewrites every
+    weight byte. Works on any backend (the "xla" path ignores the layout); jit it to run it on
+    the device that holds the weight. Weights with ``K % 32 != 0`` are returned unchanged."""
+    from jaxfp4.kernels import w4a16_mgpu
+
+    w = params.weight
+    if w.k % w4a16_mgpu.CHUNK:
+        return params
+    np_ = -(-w.n // w4a16_mgpu.ROWS) * w4a16_mgpu.ROWS
+    kp = -(-w.k // w4a16_mgpu.SUB_K) * w4a16_mgpu.SUB_K
+    codes = jnp.pad(w.codes, ((0, np_ - w.n), (0, (kp - w.k) // 2)))
+    scales = jax.lax.bitcast_convert_type(w.scales, jnp.uint8) if w.scales.dtype != jnp.uint8 else w.scales
+    scales = jnp.pad(scales, ((0, np_ - w.n), (0, (kp - w.k) // w.block_size)))
+    layout = KernelLayout(w4a16_mgpu.prepare_codes(codes), w4a16_mgpu.prepare_scales(scales), w.n, w.k)
+    return dataclasses.replace(params, kernel_layout=layout)
+
+
+def choose_mgpu_config(m: int, n: int, k: int):
+    """Mosaic GPU decode-kernel config: split K until there are about two CTAs per H100 SM (while
+    each split keeps >= 1024 K), 512-K steps with 3 stages where each split has >= 2048 K, else
+    256-K steps with 4 stages (the best patterns of kernels/results/mgpu-*.json); then fewer
+    stages / smaller steps until the pipeline fits in shared memory (~200 KiB)."""
+    from jaxfp4.kernels.w4a16_mgpu import ROWS, MgpuConfig, smem_bytes
+
+    tiles, split = -(-n // ROWS), 1
+    while tiles * split < 256 and k % (256 * split * 2) == 0 and k // (split * 2) >= 1024:
+        split *= 2
+    ks = k // split
+    bk, stages = (512, 3) if ks % 512 == 0 and ks >= 2048 else (256, 4) if ks % 256 == 0 else (128, 4)
+    mt = max(8, -(-m // 8) * 8)
+    while smem_bytes(mt, bk, stages) > 200 * 1024:
+        if stages > 2:
+            stages -= 1
+        else:
+            bk //= 2
+    return MgpuConfig(bk, split, stages)
+
+
+def _mgpu_forward(x2: jax.Array, layout: KernelLayout, mx: bool) -> jax.Array:
+    """float32 ``x2 @ (Q*S).T`` (before the global multiplier) by the Mosaic GPU kernel."""
+    from jaxfp4.kernels import w4a16_mgpu
+
+    m = x2.shape[0]
+    kp = layout.codes.shape[1] * 2
+    mt = max(8, -(-m // 8) * 8)
+    cfg = choose_mgpu_config(m, layout.codes.shape[0], kp)
+    xp = w4a16_mgpu.permute_activations(jnp.pad(x2, ((0, mt - m), (0, kp - x2.shape[1]))))
+    parts = w4a16_mgpu.fp4_matmul_partials_mgpu(xp, layout.codes, layout.scales, cfg=cfg, mx=mx)
+    y = parts.sum(0).T if parts.shape[0] > 1 else parts[0].T
+    return y[:m, : layout.n] * jnp.float32(2.0 ** w4a16_mgpu.epilogue_exponent(mx))
+
+
 def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None, out_dtype: jnp.dtype) -> jax.Array:
     from jaxfp4.kernels.w4a8_triton import mxfp4_fp8_matmul_partials
     from jaxfp4.kernels.w4a16_triton import epilogue_exponent, fp4_matmul_partials
@@ -171,6 +233,14 @@ def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None, out_d
         alpha = alpha * params.input_scale
         acts = "fp8"
     m = x2.shape[0]
+    mx = w.format is FP4Format.MXFP4
+    if params.kernel_layout is not None and m <= MGPU_MAX_M and not _interpret:
+        if acts == "fp8":
+            x2 = codecs.decode_e4m3(x2).astype(jnp.bfloat16)  # exact
+        y = _mgpu_forward(x2, params.kernel_layout, mx) * alpha[None, :]
+        if bias is not None:
+            y = y + bias.astype(jnp.float32)
+        return y.astype(out_dtype).reshape(*lead, w.n)
     cfg = choose_config(m, w.n, w.k, w.format, acts)
     if acts == "fp8" and cfg.dequant != "fp8":
         x2 = codecs.decode_e4m3(x2).astype(jnp.bfloat16)  # exact; from the bits (see decode_e4m3)
@@ -184,7 +254,6 @@ def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None, out_d
         codes = jnp.pad(codes, ((0, np_ - w.n), (0, (kp - w.k) // 2)))
         scales = jnp.pad(scales, ((0, np_ - w.n), (0, (kp - w.k) // bs)))
     x2 = jnp.pad(x2, ((0, mp - m), (0, kp - w.k))) if (mp, kp) != (m, w.k) else x2
-    mx = w.format is FP4Format.MXFP4
     if cfg.dequant == "fp8":
         parts = mxfp4_fp8_matmul_partials(x2, codes, scales, cfg=cfg, interpret=_interpret)
     else:

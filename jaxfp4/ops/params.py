@@ -11,6 +11,10 @@ Activation scale conventions, normalized once when params are built:
 * MXFP4 W4A8: ``input_scale`` is the float32 **multiplier** ``s`` of static FP8 activations
   (``x ~ fp8 * s``; Quark stores it in the model dtype, the value is kept exactly).
 * W4A16 recipes: ``input_scale`` is ``None``.
+
+``kernel_layout`` (optional) holds the same weight re-laid out for a GPU kernel, made once at load
+time by the pure transform :func:`jaxfp4.ops.prepare_weights`; the reference ``weight`` stays as
+the producer wrote it and every other code path reads only that.
 """
 
 from __future__ import annotations
@@ -33,6 +37,24 @@ _RECIPES = (NVFP4W4A4, NVFP4W4A16, MXFP4W4A8, MXFP4W4A16)
 
 
 @dataclasses.dataclass(frozen=True)
+class KernelLayout:
+    """A weight re-laid out for the Mosaic GPU decode kernel (:mod:`jaxfp4.kernels.w4a16_mgpu`).
+
+    ``codes``: uint8 ``(Np, Kp/2)``, nibbles permuted inside each 4-byte word
+    (:func:`~jaxfp4.kernels.w4a16_mgpu.prepare_codes`); ``scales``: uint8 ``(Kp/B, Np)``, the
+    block-scale bytes transposed. ``N`` is padded to a multiple of 64 and ``K`` to a multiple
+    of 128 with zero codes (which contribute nothing); ``n``, ``k`` are the unpadded sizes."""
+
+    codes: jax.Array
+    scales: jax.Array
+    n: int
+    k: int
+
+
+jax.tree_util.register_dataclass(KernelLayout, data_fields=["codes", "scales"], meta_fields=["n", "k"])
+
+
+@dataclasses.dataclass(frozen=True)
 class Fp4LinearParams:
     """Quantized parameters of one linear layer ``y = x @ W.T + b`` (``W`` is ``(N, K)``)."""
 
@@ -40,6 +62,7 @@ class Fp4LinearParams:
     input_scale: jax.Array | None
     bias: jax.Array | None
     recipe: Recipe
+    kernel_layout: KernelLayout | None = None
 
     @property
     def in_features(self) -> int:
@@ -73,10 +96,15 @@ class Fp4LinearParams:
             raise ValueError(f"{name}: recipe {self.recipe.name} takes no activation scale")
         if self.bias is not None and tuple(self.bias.shape) != (self.weight.n,):
             raise ValueError(f"{name}: bias has shape {tuple(self.bias.shape)}, expected ({self.weight.n},)")
+        kl = self.kernel_layout
+        if kl is not None and (kl.n, kl.k) != (self.weight.n, self.weight.k):
+            raise ValueError(f"{name}: kernel_layout is of a ({kl.n}, {kl.k}) weight, not {self.weight.shape}")
         return self
 
 
-jax.tree_util.register_dataclass(Fp4LinearParams, data_fields=["weight", "input_scale", "bias"], meta_fields=["recipe"])
+jax.tree_util.register_dataclass(
+    Fp4LinearParams, data_fields=["weight", "input_scale", "bias", "kernel_layout"], meta_fields=["recipe"]
+)
 
 
 def make_params(

@@ -1,0 +1,177 @@
+"""The Mosaic GPU decode kernel (jaxfp4/kernels/w4a16_mgpu.py) and ``prepare_weights``.
+
+On CPU (CI): the kernel's register-level expansion is emulated in numpy from its documented
+layout (which bytes a thread loads, the PTX bit operations, which wgmma column each result
+feeds) and must reproduce the dequantized weight exactly (``array_equal``) in the kernel's K
+order, which ``permute_activations`` applies to the activations; the kernel lowers for CUDA on
+the CPU-only install (jax 0.10). On a GPU: the kernel against the exact float64 product and
+``fp4_linear`` against the "xla" reference (tolerances: tests/kernels/test_w4a16.py's docstring).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jaxfp4
+from jaxfp4.formats import MXFP4W4A8, MXFP4W4A16, NVFP4W4A4, NVFP4W4A16, FP4Format, GlobalScale, QuantizedTensor
+from jaxfp4.kernels import w4a16_mgpu as K
+from tests.conftest import requires_gpu
+from tests.kernels.test_w4a16 import _check_against_reference, _params
+
+RECIPES = [NVFP4W4A16(), NVFP4W4A4(), MXFP4W4A16(), MXFP4W4A8()]
+
+
+def _weight(seed: int, n: int, k: int, fmt: FP4Format) -> QuantizedTensor:
+    """Random codes (every nibble) and scales over the kernel's exact range (E4M3 incl.
+    subnormals; E8M0 exponents 9..135)."""
+    rng = np.random.default_rng(seed)
+    codes = jnp.asarray(rng.integers(0, 256, (n, k // 2), dtype=np.uint8))
+    if fmt is FP4Format.NVFP4:
+        s = jnp.asarray(rng.integers(0, 0x7F, (n, k // 16), dtype=np.uint8)).view(jnp.float8_e4m3fn)
+        return QuantizedTensor(codes, s, jnp.ones((1,), jnp.float32), fmt, (n, k), (n,), GlobalScale.MULTIPLIER)
+    s = jnp.asarray(rng.integers(9, 136, (n, k // 32), dtype=np.uint8))
+    return QuantizedTensor(codes, s, None, fmt, (n, k), (n,), GlobalScale.NONE)
+
+
+def _bf16(bits: np.ndarray) -> np.ndarray:
+    return bits.astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float64)
+
+
+def _emulate_expansion(codes_p: np.ndarray, scales_t: np.ndarray, mx: bool) -> np.ndarray:
+    """The expanded bf16 tile ``A`` (float64, ``(N, K)``, kernel K order) that the kernel feeds
+    wgmma, times ``2**c``: thread lane ``p`` of a quad loads bytes ``4p..4p+3`` of each 16-byte
+    row chunk as one little-endian word; output ``j`` (``q << 4j``, then ``(q & 0x80008000) |
+    ((q & 0x70007000) >> 6)``) times the bf16 multiplier goes to columns ``8j + 2p + {0, 1}``."""
+    n, kb = codes_p.shape
+    words = codes_p.reshape(n, kb // 16, 4, 4).astype(np.uint32)
+    words = words[..., 0] | (words[..., 1] << 8) | (words[..., 2] << 16) | (words[..., 3] << 24)  # [n, chunk, p]
+    s = scales_t.T  # [n, K/B]
+    chunks = np.arange(kb // 16)
+    if mx:
+        mult = 2.0 ** (s[:, chunks].astype(np.float64) - 8)[..., None].repeat(4, -1)  # [n, chunk, p]
+    else:
+        e4m3 = s.view(ml_dtypes.float8_e4m3fn).astype(np.float64) * 2.0**118
+        b = 2 * chunks[:, None] + (np.arange(4)[None, :] >= 2)  # lanes 2, 3 hold the block's upper half
+        mult = e4m3[:, b]
+    mult = _bf16(mult.astype(ml_dtypes.bfloat16).view(np.uint16))  # the multiplier is a bf16 {s, s}
+    a = np.zeros((n, kb // 16, 4, 4, 2))  # [n, chunk, j, p, e]
+    for j in range(4):
+        q = (words << np.uint32(4 * j)) & np.uint32(0xFFFFFFFF)
+        bits = (q & np.uint32(0x80008000)) | ((q & np.uint32(0x70007000)) >> np.uint32(6))
+        a[:, :, j, :, 0] = _bf16(bits & 0xFFFF) * mult
+        a[:, :, j, :, 1] = _bf16(bits >> 16) * mult
+    c = K.epilogue_exponent(mx)
+    return a.reshape(n, kb * 2) * 2.0**c
+
+
+@pytest.mark.parametrize("fmt", [FP4Format.NVFP4, FP4Format.MXFP4])
+def test_register_expansion_reproduces_the_weight_in_kernel_order(fmt):
+    n, k = 48, 256
+    q = _weight(0, n, k, fmt)
+    mx = fmt is FP4Format.MXFP4
+    sb = np.asarray(jax.lax.bitcast_convert_type(q.scales, jnp.uint8) if not mx else q.scales)
+    a = _emulate_expansion(np.asarray(K.prepare_codes(q.codes)), np.asarray(K.prepare_scales(jnp.asarray(sb))), mx)
+    w = np.asarray(jaxfp4.dequantize(q, dtype=jnp.float32), np.float64)
+    perm = np.asarray(K.permute_activations(jnp.arange(k, dtype=jnp.float32)[None, :]))[0].astype(int)
+    assert sorted(perm) == list(range(k))
+    assert np.array_equal(a, w[:, perm])  # every product exact, every element in its place
+    # ... so the kernel's K order, applied to X by permute_activations, leaves the product unchanged:
+    x = np.random.default_rng(1).standard_normal((3, k))
+    np.testing.assert_allclose(x[:, perm] @ a.T, x @ w.T, rtol=1e-12, atol=1e-12)
+
+
+def test_prepare_codes_is_a_nibble_permutation_inside_each_word():
+    c = jnp.asarray(np.random.default_rng(2).integers(0, 256, (5, 64), dtype=np.uint8))
+    p = np.asarray(K.prepare_codes(c))
+    nib = lambda a: np.stack([a & 0xF, a >> 4], -1).reshape(a.shape[0], -1, 8)
+    assert np.array_equal(np.sort(nib(np.asarray(c)), -1), np.sort(nib(p), -1))
+    # word nibble 3 - j holds element 2j, nibble 7 - j element 2j + 1 (the module docstring)
+    for j in range(4):
+        assert np.array_equal(nib(p)[..., 3 - j], nib(np.asarray(c))[..., 2 * j])
+        assert np.array_equal(nib(p)[..., 7 - j], nib(np.asarray(c))[..., 2 * j + 1])
+
+
+def test_prepare_weights_is_pure_and_pads():
+    p = _params(NVFP4W4A16(), 100, 160)
+    before = np.asarray(p.weight.codes).copy()
+    q = jaxfp4.prepare_weights(p)
+    assert p.kernel_layout is None and np.array_equal(np.asarray(p.weight.codes), before)
+    kl = q.kernel_layout
+    assert (kl.n, kl.k) == (100, 160) and kl.codes.shape == (128, 128) and kl.scales.shape == (256 // 16, 128)
+    assert q.weight is p.weight  # the reference layout is kept as is
+    x = jax.random.normal(jax.random.key(0), (3, 160), jnp.bfloat16)
+    assert np.array_equal(jaxfp4.fp4_linear(x, q, backend="xla"), jaxfp4.fp4_linear(x, p, backend="xla"))
+    leaves = jax.tree.leaves(jax.jit(lambda t: t)(q))  # a pytree through jit
+    assert len(leaves) == len(jax.tree.leaves(p)) + 2
+    with pytest.raises(ValueError, match="kernel_layout"):
+        dataclasses.replace(q, kernel_layout=dataclasses.replace(kl, n=99)).validate()
+    odd = _params(MXFP4W4A16(), 64, 32)  # K = 32: still one chunk, padded to 128
+    assert jaxfp4.prepare_weights(odd).kernel_layout.codes.shape == (64, 64)
+
+
+@pytest.mark.skipif(
+    tuple(int(v) for v in jax.__version__.split(".")[:2]) >= (0, 11),
+    reason="jax >= 0.11 refuses to lower for CUDA without a GPU; CI runs jax 0.10.x",
+)
+@pytest.mark.parametrize("mx", [False, True])
+def test_mgpu_kernel_lowers_for_cuda_on_cpu_install(mx):
+    blk = 32 if mx else 16
+    for mt, n, k, cfg in [(8, 128, 1024, K.MgpuConfig(256, 2, 4)), (64, 64, 2048, K.MgpuConfig(256, 1, 3))]:
+        f = jax.jit(lambda x, c, s, cfg=cfg: K.fp4_matmul_partials_mgpu(x, c, s, cfg=cfg, mx=mx))
+        args = (
+            jax.ShapeDtypeStruct((mt, k), jnp.bfloat16),
+            jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
+            jax.ShapeDtypeStruct((k // blk, n), jnp.uint8),
+        )
+        assert "mosaic_gpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_mgpu_kernel_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="bad shapes"):
+        K.fp4_matmul_partials_mgpu(
+            jnp.zeros((5, 256), jnp.bfloat16),
+            jnp.zeros((64, 128), jnp.uint8),
+            jnp.zeros((16, 64), jnp.uint8),
+            cfg=K.MgpuConfig(256, 1, 2),
+            mx=False,
+        )
+
+
+@requires_gpu
+@pytest.mark.parametrize("fmt", [FP4Format.NVFP4, FP4Format.MXFP4])
+@pytest.mark.parametrize(
+    ("m", "n", "k", "cfg"), [(1, 64, 512, K.MgpuConfig(512, 1, 2)), (16, 192, 2048, K.MgpuConfig(256, 4, 4))]
+)
+def test_mgpu_kernel_equals_exact_product_on_gpu(fmt, m, n, k, cfg):
+    """Partials times 2**c against the float64 product, within float32 summation."""
+    mx = fmt is FP4Format.MXFP4
+    q = _weight(m, n, k, fmt)
+    x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+    mt = max(8, -(-m // 8) * 8)
+    xp = K.permute_activations(jnp.pad(x, ((0, mt - m), (0, 0))))
+    sb = jax.lax.bitcast_convert_type(q.scales, jnp.uint8) if not mx else q.scales
+    parts = K.fp4_matmul_partials_mgpu(xp, K.prepare_codes(q.codes), K.prepare_scales(sb), cfg=cfg, mx=mx)
+    got = np.asarray(parts, np.float64).sum(0).T[:m] * 2.0 ** K.epilogue_exponent(mx)
+    w = np.asarray(jaxfp4.dequantize(q, dtype=jnp.float32), np.float64)
+    xf = np.asarray(x.astype(jnp.float32), np.float64)
+    assert np.all(np.abs(got - xf @ w.T) <= k * 2.0**-24 * (np.abs(xf) @ np.abs(w).T) + 1e-30)
+
+
+@requires_gpu
+@pytest.mark.parametrize("recipe", [pytest.param(r, id=r.name) for r in RECIPES])
+@pytest.mark.parametrize(
+    ("lead", "n", "k"), [((1,), 4096, 1024), ((2, 3), 200, 160), ((16,), 1000, 512), ((64,), 256, 2048)]
+)
+def test_fp4_linear_with_kernel_layout_matches_xla_on_gpu(recipe, lead, n, k):
+    if k % recipe.weight_format.block_size:
+        pytest.skip("K must be a multiple of the MXFP4 block (32)")
+    p = jaxfp4.prepare_weights(_params(recipe, n, k, fused=True))
+    x = jax.random.normal(jax.random.key(n), (*lead, k), jnp.float32).astype(jnp.bfloat16)
+    y = jax.jit(lambda x, p: jaxfp4.fp4_linear(x, p))(x, p)
+    _check_against_reference(x, p, y)
