@@ -91,7 +91,7 @@ def random_checkpoint(cfg: dict, fp4: bool, seed: int = 0) -> Checkpoint:
             w = QuantizedTensor(
                 codes, scales, jnp.full((1,), 2688.0, jnp.float32), FP4Format.NVFP4, (n, k), (n,), GlobalScale.DIVISOR
             )
-            quantized[f"{p}.{name}"] = jaxfp4.make_params(w, jaxfp4.NVFP4W4A16())
+            quantized[f"{p}.{name}"] = jaxfp4.prepare_weights(jaxfp4.make_params(w, jaxfp4.NVFP4W4A16()))
     return Checkpoint(
         "random", cfg, "random", "random NVFP4 W4A16" if fp4 else "random bf16", quantized, dense, LoadReport()
     )
