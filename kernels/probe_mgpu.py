@@ -19,6 +19,7 @@ import numpy as np
 import jaxfp4
 from jaxfp4.formats import MXFP4W4A16, NVFP4W4A16, FP4Format, GlobalScale, QuantizedTensor
 from jaxfp4.kernels import w4a16_mgpu as K
+from kernels.bench_gemm import time_op
 
 COPIES = 16
 
@@ -92,17 +93,6 @@ def check(records):
                         kind="check", fmt=fmt.value, M=m, N=n, K=k, cfg=str(cfg), error=f"{type(e).__name__}: {str(e)[:300]}"
                     )
                 )
-
-
-def time_op(op, x, ws, reps=7):
-    f = jax.jit(lambda x, ws: sum(op(x, w).astype(jnp.float32).sum() for w in ws))
-    f(x, ws).block_until_ready()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f(x, ws).block_until_ready()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts)) / len(ws) * 1e6
 
 
 def timing(records, budget_s=300.0):

@@ -109,35 +109,17 @@ def permute_activations(x: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 # In-register expansion (Mosaic GPU inline)
 
-_EXPAND_ASM = """
-{
-.reg .b32 q, t, u;
-mov.b32 q, $4;
-and.b32 t, q, 0x70007000;
+# One nibble pair per output: top nibble of each 16-bit lane -> bf16 bits, times the multiplier;
+# then ``q <<= 4`` brings up the next pair. ``$4`` = the word, ``$5`` = the bf16x2 multiplier.
+_EXPAND_STEP = """and.b32 t, q, 0x70007000;
 shr.b32 t, t, 6;
 and.b32 u, q, 0x80008000;
 or.b32 u, u, t;
-mul.rn.bf16x2 $0, u, $5;
-shl.b32 q, q, 4;
-and.b32 t, q, 0x70007000;
-shr.b32 t, t, 6;
-and.b32 u, q, 0x80008000;
-or.b32 u, u, t;
-mul.rn.bf16x2 $1, u, $5;
-shl.b32 q, q, 4;
-and.b32 t, q, 0x70007000;
-shr.b32 t, t, 6;
-and.b32 u, q, 0x80008000;
-or.b32 u, u, t;
-mul.rn.bf16x2 $2, u, $5;
-shl.b32 q, q, 4;
-and.b32 t, q, 0x70007000;
-shr.b32 t, t, 6;
-and.b32 u, q, 0x80008000;
-or.b32 u, u, t;
-mul.rn.bf16x2 $3, u, $5;
-}
+mul.rn.bf16x2 ${j}, u, $5;
 """
+_EXPAND_ASM = (
+    "{\n.reg .b32 q, t, u;\nmov.b32 q, $4;\n" + "shl.b32 q, q, 4;\n".join(_EXPAND_STEP.format(j=j) for j in range(4)) + "}\n"
+)
 
 # Two E4M3 bytes (low: row r, high: row r + 8) -> two bf16x2 registers {s, s} * 2**118.
 _E4M3_PAIR_ASM = """
