@@ -185,7 +185,7 @@ def main() -> None:
                     if best is None or us < best[0]:
                         best = (us, used)
                 used = dataclasses.asdict(best[1])
-                if m <= pallas_backend.MGPU_MAX_M and ps[0].kernel_layout is not None:  # what actually ran
+                if pallas_backend.uses_mgpu(ps[0], m):  # what actually ran
                     used = {"kernel": "mgpu", **dataclasses.asdict(pallas_backend.choose_mgpu_config(m, n, k))}
                 records.append({**rec, "backend": "pallas", "us": best[0], "config": used})
                 if sweep:

@@ -19,6 +19,8 @@ import numpy as np
 import jaxfp4
 from jaxfp4.formats import MXFP4W4A16, NVFP4W4A16, FP4Format, GlobalScale, QuantizedTensor
 from jaxfp4.kernels import w4a16_mgpu as K
+from jaxfp4.ops import KernelLayout
+from jaxfp4.ops.pallas import mgpu_matmul
 from kernels.bench_gemm import time_op
 
 COPIES = 16
@@ -42,12 +44,10 @@ def weight(key, n, k, fmt):
     return QuantizedTensor(codes, sc, None, fmt, (n, k), (n,), GlobalScale.NONE)
 
 
-def mgpu_linear(x, codes_p, scales_t, n, cfg, mx):
-    m = x.shape[0]
-    mt = max(8, -(-m // 8) * 8)
-    xp = K.permute_activations(jnp.pad(x, ((0, mt - m), (0, 0))))
-    parts = K.fp4_matmul_partials_mgpu(xp, codes_p, scales_t, cfg=cfg, mx=mx)
-    return (parts.sum(0).T[:m, :n] * jnp.float32(2.0 ** K.epilogue_exponent(mx))).astype(x.dtype)
+def layout(q: QuantizedTensor) -> KernelLayout:
+    """The load-time layout of the kernel (what prepare_weights adds to a layer's params)."""
+    recipe = MXFP4W4A16() if q.format is FP4Format.MXFP4 else NVFP4W4A16()
+    return jaxfp4.prepare_weights(jaxfp4.make_params(q, recipe)).kernel_layout
 
 
 def exact_ref(x, q):
@@ -69,13 +69,9 @@ def check(records):
             q = weight(jax.random.fold_in(key, m), n, k, fmt)
             x = jax.random.normal(jax.random.fold_in(key, 1000 + m), (m, k), jnp.bfloat16)
             try:
-                cp, st = K.prepare_codes(q.codes), K.prepare_scales(q.scales)
-                y = np.asarray(mgpu_linear(x, cp, st, n, cfg, mx).astype(jnp.float32), np.float64)
-                # float32 result before the bf16 rounding, for the re-association bound:
-                parts = K.fp4_matmul_partials_mgpu(
-                    K.permute_activations(jnp.pad(x, ((0, max(8, -(-m // 8) * 8) - m), (0, 0)))), cp, st, cfg=cfg, mx=mx
-                )
-                y32 = np.asarray(parts.sum(0).T[:m, :n], np.float64) * 2.0 ** K.epilogue_exponent(mx)
+                y32 = mgpu_matmul(x, layout(q), mx, cfg)  # float32, for the re-association bound
+                y = np.asarray(y32.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+                y32 = np.asarray(y32, np.float64)
                 ref, mag = exact_ref(x, q)
                 err = float(np.max(np.abs(y32 - ref) / np.maximum(mag, 1e-30)))
                 err_bf16 = float(np.max(np.abs(y - ref) / np.maximum(np.abs(ref), 1e-30) * (np.abs(ref) > 1e-3 * mag)))
@@ -103,8 +99,8 @@ def timing(records, budget_s=300.0):
         for fmt, recipe in ((FP4Format.NVFP4, NVFP4W4A16()), (FP4Format.MXFP4, MXFP4W4A16())):
             mx = fmt is FP4Format.MXFP4
             qs = [weight(jax.random.fold_in(key, 100 + i), n, k, fmt) for i in range(COPIES)]
-            prepared = [(K.prepare_codes(q.codes), K.prepare_scales(q.scales)) for q in qs]
-            params = [jaxfp4.make_params(q, recipe) for q in qs]
+            layouts = [layout(q) for q in qs]
+            params = [jaxfp4.make_params(q, recipe) for q in qs]  # no kernel layout: the Triton kernel
             for m in (1, 16) if not mx else (1,):
                 x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
                 bf16 = time_op(lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype), x, wb)
@@ -118,7 +114,7 @@ def timing(records, budget_s=300.0):
                             cfg = K.MgpuConfig(bk, split, stages)
                             try:
                                 us = time_op(
-                                    lambda x, cs, n=n, cfg=cfg, mx=mx: mgpu_linear(x, cs[0], cs[1], n, cfg, mx), x, prepared
+                                    lambda x, kl, cfg=cfg, mx=mx: mgpu_matmul(x, kl, mx, cfg).astype(x.dtype), x, layouts
                                 )
                             except Exception as e:
                                 print("  failed", cfg, type(e).__name__, str(e)[:300], flush=True)
@@ -129,7 +125,7 @@ def timing(records, budget_s=300.0):
                 head = f"{fmt.value} M={m} K={k} N={n}: bf16 {bf16:.1f} triton {tri:.1f} ({bf16 / tri:.2f}x)"
                 print(f"{head} mgpu best {best:.1f} ({bf16 / best:.2f}x)", flush=True)
                 records.append(rec)
-            del qs, prepared, params
+            del qs, layouts, params
 
 
 def main():
@@ -166,11 +162,10 @@ def cupti_breakdown(out: str, dev: str) -> None:
     ]:
         mx = fmt is FP4Format.MXFP4
         qs = [weight(jax.random.fold_in(key, 100 + i), n, k, fmt) for i in range(COPIES)]
-        prepared = [(K.prepare_codes(q.codes), K.prepare_scales(q.scales)) for q in qs]
+        layouts = [layout(q) for q in qs]
         del qs
         wb = [jax.random.normal(jax.random.fold_in(key, i), (n, k), jnp.bfloat16) for i in range(COPIES)]
-        mt = max(8, -(-m // 8) * 8)
-        x = K.permute_activations(jax.random.normal(key, (mt, k), jnp.bfloat16))
+        x = K.permute_activations(jax.random.normal(key, (K.token_tile(m), k), jnp.bfloat16))
         _, t = profiler.measure(lambda x, ws: [jnp.dot(x, w.T) for w in ws], aggregate=False)(x, wb)
         bf16 = sum(ms for _, ms in t) * 1e3 / COPIES
         del wb
@@ -180,10 +175,11 @@ def cupti_breakdown(out: str, dev: str) -> None:
                 if k % (bk * split):
                     continue
                 try:
-                    _, t = profiler.measure(
-                        lambda x, ws, cfg=cfg, mx=mx: [K.fp4_matmul_partials_mgpu(x, c, s, cfg=cfg, mx=mx) for c, s in ws],
-                        aggregate=False,
-                    )(x, prepared)
+
+                    def layers(x, ws, cfg=cfg, mx=mx):
+                        return [K.fp4_matmul_partials_mgpu(x, w.codes, w.scales, cfg=cfg, mx=mx) for w in ws]
+
+                    _, t = profiler.measure(layers, aggregate=False)(x, layouts)
                 except Exception as e:
                     print("  failed", cfg, type(e).__name__, str(e)[:200], flush=True)
                     continue
@@ -195,7 +191,7 @@ def cupti_breakdown(out: str, dev: str) -> None:
                 rows.append(
                     dict(fmt=fmt.value, M=m, K=k, N=n, cfg=str(cfg), kernel_us=us, bf16_kernel_us=bf16, weight_GBps=gbs)
                 )
-        del prepared
+        del layouts
     _save(
         f"{out}/mgpu-cupti-{dev.replace(' ', '_')}.json",
         {"device": dev, "jax": jax.__version__, "copies": COPIES, "rows": rows},

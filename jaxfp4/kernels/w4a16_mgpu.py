@@ -52,6 +52,7 @@ from jaxlib.mlir.dialects import arith, llvm, vector
 SUB_K = 128  # K elements per wgmma call (one register tile of 64 x 128 bf16 per thread group)
 CHUNK = 32  # K elements whose order is permuted together (one 16-byte row of a thread quad)
 ROWS = 64  # weight rows per warpgroup (wgmma's M)
+_ROW_LAYOUT = plgpu.Layout.WGMMA.reduce(1)  # a [64] vector: each thread holds its rows r, r + 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,11 @@ class MgpuConfig:
     split_k: int = 1
     stages: int = 4
     dequant: str = "ptx"  # "none": a lab diagnostic that skips the expansion math (wrong values)
+
+
+def token_tile(m: int) -> int:
+    """Rows of X the kernel computes for ``m`` tokens: a multiple of 8 (wgmma's N), at least 8."""
+    return max(8, -(-m // 8) * 8)
 
 
 def smem_bytes(mt: int, bk: int, stages: int) -> int:
@@ -181,10 +187,9 @@ def expand_tile(w: jax.Array, scale_rows: tuple[jax.Array, ...], *, mx: bool, ma
     the WGMMA layout, K in the kernel's permuted order, times ``2**-c``."""
     rows, kb = w.shape
     nsb = len(scale_rows)
-    row_layout = plgpu.Layout.WGMMA.reduce(1)
 
     @plgpu.inline_mgpu(
-        arg_types=(plgpu.Layout.WGMMA_8BIT, (row_layout,) * nsb),
+        arg_types=(plgpu.Layout.WGMMA_8BIT, (_ROW_LAYOUT,) * nsb),
         return_type=plgpu.ShapeDtypeStruct((rows, 2 * kb), jnp.bfloat16, plgpu.Layout.WGMMA),
     )
     def expand(_, wf: mgpu.FragmentedArray, srows):
@@ -195,8 +200,8 @@ def expand_tile(w: jax.Array, scale_rows: tuple[jax.Array, ...], *, mx: bool, ma
         wregs = wf.registers
         assert wregs.shape == (rows // 64, kb // 16, 1, 1, 2, 1, 1, 1, 1), wregs.shape
         assert out_shape == (rows // 64, kb // 4, 1, 1, 2, 1, 1, 1, 1), out_shape
-        # Lanes 0, 1 of a quad hold elements 0-15 of a 32-chunk, lanes 2, 3 elements 16-31.
-        upper = arith.cmpi(arith.CmpIPredicate.ne, arith.andi(mgpu.utils.thread_idx(), _i32(2)), _i32(0))
+        # NVFP4: lanes 0, 1 of a quad hold elements 0-15 of a 32-chunk, lanes 2, 3 elements 16-31.
+        upper = None if mx else arith.cmpi(arith.CmpIPredicate.ne, arith.andi(mgpu.utils.thread_idx(), _i32(2)), _i32(0))
         out = np.empty(out_shape, dtype=object)
         for rt in range(rows // 64):
             for c in range(kb // 16):  # 32-element chunks
@@ -221,7 +226,7 @@ def expand_tile(w: jax.Array, scale_rows: tuple[jax.Array, ...], *, mx: bool, ma
 # The kernel
 
 
-def _swizzled(shape: tuple[int, ...], dtype, minor_bytes: int) -> tuple:
+def _swizzled(dtype, minor_bytes: int) -> tuple:
     bits = jnp.dtype(dtype).itemsize * 8
     return (plgpu.TilingTransform((8, minor_bytes * 8 // bits)), plgpu.SwizzleTransform(minor_bytes))
 
@@ -253,9 +258,7 @@ def fp4_matmul_partials_mgpu(x: jax.Array, codes: jax.Array, scales_t: jax.Array
             def body(_, x_smem, w_smem, s_smem):
                 for c in range(nsub):
                     wt = plgpu.load(w_smem.at[:, pl.ds(c * SUB_K // 2, SUB_K // 2)], (), layout=plgpu.Layout.WGMMA_8BIT)
-                    srows = tuple(
-                        plgpu.load(s_smem.at[c * sb_sub + b], (), layout=plgpu.Layout.WGMMA.reduce(1)) for b in range(sb_sub)
-                    )
+                    srows = tuple(plgpu.load(s_smem.at[c * sb_sub + b], (), layout=_ROW_LAYOUT) for b in range(sb_sub))
                     a = expand_tile(wt, srows, mx=mx, math=cfg.dequant != "none")
                     plgpu.wgmma(acc, a, x_smem.at[:, pl.ds(c * SUB_K, SUB_K)].T)
                 plgpu.wgmma_wait(0)
@@ -264,8 +267,8 @@ def fp4_matmul_partials_mgpu(x: jax.Array, codes: jax.Array, scales_t: jax.Array
                 body,
                 grid=(steps,),
                 in_specs=[
-                    plgpu.BlockSpec((mt, bk), lambda i: (0, i), transforms=_swizzled((mt, bk), jnp.bfloat16, 128)),
-                    plgpu.BlockSpec((ROWS, bk // 2), lambda i: (0, i), transforms=_swizzled((ROWS, bk // 2), jnp.uint8, 64)),
+                    plgpu.BlockSpec((mt, bk), lambda i: (0, i), transforms=_swizzled(jnp.bfloat16, 128)),
+                    plgpu.BlockSpec((ROWS, bk // 2), lambda i: (0, i), transforms=_swizzled(jnp.uint8, 64)),
                     plgpu.BlockSpec((bk // blk, ROWS), lambda i: (i, 0)),
                 ],
                 max_concurrent_steps=cfg.stages,

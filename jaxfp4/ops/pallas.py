@@ -174,8 +174,7 @@ def prepare_weights(params: Fp4LinearParams) -> Fp4LinearParams:
     np_ = -(-w.n // w4a16_mgpu.ROWS) * w4a16_mgpu.ROWS
     kp = -(-w.k // w4a16_mgpu.SUB_K) * w4a16_mgpu.SUB_K
     codes = jnp.pad(w.codes, ((0, np_ - w.n), (0, (kp - w.k) // 2)))
-    scales = jax.lax.bitcast_convert_type(w.scales, jnp.uint8) if w.scales.dtype != jnp.uint8 else w.scales
-    scales = jnp.pad(scales, ((0, np_ - w.n), (0, (kp - w.k) // w.block_size)))
+    scales = jnp.pad(w.scales, ((0, np_ - w.n), (0, (kp - w.k) // w.block_size)))  # zero bytes
     layout = KernelLayout(w4a16_mgpu.prepare_codes(codes), w4a16_mgpu.prepare_scales(scales), w.n, w.k)
     return dataclasses.replace(params, kernel_layout=layout)
 
@@ -185,14 +184,14 @@ def choose_mgpu_config(m: int, n: int, k: int):
     each split keeps >= 1024 K), 512-K steps with 3 stages where each split has >= 2048 K, else
     256-K steps with 4 stages (the best patterns of kernels/results/mgpu-*.json); then fewer
     stages / smaller steps until the pipeline fits in shared memory (~200 KiB)."""
-    from jaxfp4.kernels.w4a16_mgpu import ROWS, MgpuConfig, smem_bytes
+    from jaxfp4.kernels.w4a16_mgpu import ROWS, MgpuConfig, smem_bytes, token_tile
 
     tiles, split = -(-n // ROWS), 1
     while tiles * split < 256 and k % (256 * split * 2) == 0 and k // (split * 2) >= 1024:
         split *= 2
     ks = k // split
     bk, stages = (512, 3) if ks % 512 == 0 and ks >= 2048 else (256, 4) if ks % 256 == 0 else (128, 4)
-    mt = max(8, -(-m // 8) * 8)
+    mt = token_tile(m)
     while smem_bytes(mt, bk, stages) > 200 * 1024:
         if stages > 2:
             stages -= 1
@@ -201,46 +200,33 @@ def choose_mgpu_config(m: int, n: int, k: int):
     return MgpuConfig(bk, split, stages)
 
 
-def _mgpu_forward(x2: jax.Array, layout: KernelLayout, mx: bool) -> jax.Array:
-    """float32 ``x2 @ (Q*S).T`` (before the global multiplier) by the Mosaic GPU kernel."""
+def uses_mgpu(params: Fp4LinearParams, m: int) -> bool:
+    """Whether ``forward`` runs the Mosaic GPU decode kernel for ``m`` rows of activations."""
+    return params.kernel_layout is not None and m <= MGPU_MAX_M and not _interpret
+
+
+def mgpu_matmul(x2: jax.Array, layout: KernelLayout, mx: bool, cfg=None) -> jax.Array:
+    """float32 ``x2 @ (Q*S).T`` ``(M, N)`` (before the global multiplier) by the Mosaic GPU kernel;
+    ``x2`` bf16 ``(M, K)``; ``cfg`` defaults to :func:`choose_mgpu_config`."""
     from jaxfp4.kernels import w4a16_mgpu
 
     m = x2.shape[0]
     kp = layout.codes.shape[1] * 2
-    mt = max(8, -(-m // 8) * 8)
-    cfg = choose_mgpu_config(m, layout.codes.shape[0], kp)
+    mt = w4a16_mgpu.token_tile(m)
+    cfg = cfg or choose_mgpu_config(m, layout.codes.shape[0], kp)
     xp = w4a16_mgpu.permute_activations(jnp.pad(x2, ((0, mt - m), (0, kp - x2.shape[1]))))
     parts = w4a16_mgpu.fp4_matmul_partials_mgpu(xp, layout.codes, layout.scales, cfg=cfg, mx=mx)
-    y = parts.sum(0).T if parts.shape[0] > 1 else parts[0].T
-    return y[:m, : layout.n] * jnp.float32(2.0 ** w4a16_mgpu.epilogue_exponent(mx))
+    return parts.sum(0).T[:m, : layout.n] * jnp.float32(2.0 ** w4a16_mgpu.epilogue_exponent(mx))
 
 
-def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None, out_dtype: jnp.dtype) -> jax.Array:
+def _triton_matmul(x2: jax.Array, w, acts: str) -> jax.Array:
+    """float32 ``x2 @ (Q*S).T`` ``(M, N)`` (before the global multiplier) by the Triton kernels;
+    ``x2`` bf16, or FP8 codes when ``acts == "fp8"``."""
     from jaxfp4.kernels.w4a8_triton import mxfp4_fp8_matmul_partials
     from jaxfp4.kernels.w4a16_triton import epilogue_exponent, fp4_matmul_partials
 
-    w = params.weight
-    r = params.recipe
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, w.k)
-    alpha = w.row_global_multiplier()
-    alpha = jnp.ones((w.n,), jnp.float32) if alpha is None else alpha
-    acts = "bf16"
-    if isinstance(r, NVFP4W4A4):
-        x2 = fake_quantize_nvfp4_activations(x2, params.input_scale, mode=r.activation_mode)
-    elif isinstance(r, MXFP4W4A8):
-        x2 = quantize_fp8_static(x2, params.input_scale)  # FP8 codes; the scale goes to the epilogue
-        alpha = alpha * params.input_scale
-        acts = "fp8"
     m = x2.shape[0]
     mx = w.format is FP4Format.MXFP4
-    if params.kernel_layout is not None and m <= MGPU_MAX_M and not _interpret:
-        if acts == "fp8":
-            x2 = codecs.decode_e4m3(x2).astype(jnp.bfloat16)  # exact
-        y = _mgpu_forward(x2, params.kernel_layout, mx) * alpha[None, :]
-        if bias is not None:
-            y = y + bias.astype(jnp.float32)
-        return y.astype(out_dtype).reshape(*lead, w.n)
     cfg = choose_config(m, w.n, w.k, w.format, acts)
     if acts == "fp8" and cfg.dequant != "fp8":
         x2 = codecs.decode_e4m3(x2).astype(jnp.bfloat16)  # exact; from the bits (see decode_e4m3)
@@ -258,8 +244,30 @@ def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None, out_d
         parts = mxfp4_fp8_matmul_partials(x2, codes, scales, cfg=cfg, interpret=_interpret)
     else:
         parts = fp4_matmul_partials(x2, codes, scales, cfg=cfg, mx=mx, interpret=_interpret)
-    alpha = alpha * jnp.float32(2.0 ** epilogue_exponent(cfg, mx))  # exact: a power of two
-    y = parts.sum(0)[:m, : w.n] * alpha[None, :]
+    return parts.sum(0)[:m, : w.n] * jnp.float32(2.0 ** epilogue_exponent(cfg, mx))  # exact: a power of two
+
+
+def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None, out_dtype: jnp.dtype) -> jax.Array:
+    w = params.weight
+    r = params.recipe
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, w.k)
+    alpha = w.row_global_multiplier()
+    alpha = jnp.ones((w.n,), jnp.float32) if alpha is None else alpha
+    acts = "bf16"
+    if isinstance(r, NVFP4W4A4):
+        x2 = fake_quantize_nvfp4_activations(x2, params.input_scale, mode=r.activation_mode)
+    elif isinstance(r, MXFP4W4A8):
+        x2 = quantize_fp8_static(x2, params.input_scale)  # FP8 codes; the scale goes to the epilogue
+        alpha = alpha * params.input_scale
+        acts = "fp8"
+    if uses_mgpu(params, x2.shape[0]):
+        if acts == "fp8":
+            x2 = codecs.decode_e4m3(x2).astype(jnp.bfloat16)  # exact
+        y = mgpu_matmul(x2, params.kernel_layout, w.format is FP4Format.MXFP4)
+    else:
+        y = _triton_matmul(x2, w, acts)
+    y = y * alpha[None, :]
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(out_dtype).reshape(*lead, w.n)

@@ -75,8 +75,7 @@ def test_register_expansion_reproduces_the_weight_in_kernel_order(fmt):
     n, k = 48, 256
     q = _weight(0, n, k, fmt)
     mx = fmt is FP4Format.MXFP4
-    sb = np.asarray(jax.lax.bitcast_convert_type(q.scales, jnp.uint8) if not mx else q.scales)
-    a = _emulate_expansion(np.asarray(K.prepare_codes(q.codes)), np.asarray(K.prepare_scales(jnp.asarray(sb))), mx)
+    a = _emulate_expansion(np.asarray(K.prepare_codes(q.codes)), np.asarray(K.prepare_scales(q.scales)), mx)
     w = np.asarray(jaxfp4.dequantize(q, dtype=jnp.float32), np.float64)
     perm = np.asarray(K.permute_activations(jnp.arange(k, dtype=jnp.float32)[None, :]))[0].astype(int)
     assert sorted(perm) == list(range(k))
@@ -153,10 +152,9 @@ def test_mgpu_kernel_equals_exact_product_on_gpu(fmt, m, n, k, cfg):
     mx = fmt is FP4Format.MXFP4
     q = _weight(m, n, k, fmt)
     x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
-    mt = max(8, -(-m // 8) * 8)
+    mt = K.token_tile(m)
     xp = K.permute_activations(jnp.pad(x, ((0, mt - m), (0, 0))))
-    sb = jax.lax.bitcast_convert_type(q.scales, jnp.uint8) if not mx else q.scales
-    parts = K.fp4_matmul_partials_mgpu(xp, K.prepare_codes(q.codes), K.prepare_scales(sb), cfg=cfg, mx=mx)
+    parts = K.fp4_matmul_partials_mgpu(xp, K.prepare_codes(q.codes), K.prepare_scales(q.scales), cfg=cfg, mx=mx)
     got = np.asarray(parts, np.float64).sum(0).T[:m] * 2.0 ** K.epilogue_exponent(mx)
     w = np.asarray(jaxfp4.dequantize(q, dtype=jnp.float32), np.float64)
     xf = np.asarray(x.astype(jnp.float32), np.float64)
