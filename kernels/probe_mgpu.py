@@ -20,7 +20,7 @@ import jaxfp4
 from jaxfp4.formats import MXFP4W4A16, NVFP4W4A16, FP4Format, GlobalScale, QuantizedTensor
 from jaxfp4.kernels import w4a16_mgpu as K
 from jaxfp4.ops import KernelLayout
-from jaxfp4.ops.pallas import mgpu_matmul
+from jaxfp4.ops.pallas import mgpu_linear
 from kernels.bench_gemm import time_op
 
 COPIES = 16
@@ -69,7 +69,9 @@ def check(records):
             q = weight(jax.random.fold_in(key, m), n, k, fmt)
             x = jax.random.normal(jax.random.fold_in(key, 1000 + m), (m, k), jnp.bfloat16)
             try:
-                y32 = mgpu_matmul(x, layout(q), mx, cfg)  # float32, for the re-association bound
+                y32 = mgpu_linear(
+                    x, layout(q), mx, jnp.ones((n,), jnp.float32), None, jnp.float32, cfg
+                )  # float32, for the re-association bound
                 y = np.asarray(y32.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
                 y32 = np.asarray(y32, np.float64)
                 ref, mag = exact_ref(x, q)
@@ -114,7 +116,11 @@ def timing(records, budget_s=300.0):
                             cfg = K.MgpuConfig(bk, split, stages)
                             try:
                                 us = time_op(
-                                    lambda x, kl, cfg=cfg, mx=mx: mgpu_matmul(x, kl, mx, cfg).astype(x.dtype), x, layouts
+                                    lambda x, kl, cfg=cfg, mx=mx: mgpu_linear(
+                                        x, kl, mx, jnp.ones((kl.n,), jnp.float32), None, x.dtype, cfg
+                                    ),
+                                    x,
+                                    layouts,
                                 )
                             except Exception as e:
                                 print("  failed", cfg, type(e).__name__, str(e)[:300], flush=True)
@@ -165,7 +171,7 @@ def cupti_breakdown(out: str, dev: str) -> None:
         layouts = [layout(q) for q in qs]
         del qs
         wb = [jax.random.normal(jax.random.fold_in(key, i), (n, k), jnp.bfloat16) for i in range(COPIES)]
-        x = K.permute_activations(jax.random.normal(key, (K.token_tile(m), k), jnp.bfloat16))
+        x = jax.random.normal(key, (K.token_tile(m), k), jnp.bfloat16)
         _, t = profiler.measure(lambda x, ws: [jnp.dot(x, w.T) for w in ws], aggregate=False)(x, wb)
         bf16 = sum(ms for _, ms in t) * 1e3 / COPIES
         del wb

@@ -1,9 +1,17 @@
-"""FP4-weight x bf16-activation GEMM for Hopper, in Pallas lowered through Mosaic GPU (decode).
+"""FP4-weight x bf16-activation GEMM for Hopper, in Pallas lowered through Mosaic GPU (any M).
 
-Computes ``P[s] = (Q * S)[:, Ks] @ X[:, Ks].T * 2**-c`` in float32 for each K split ``s`` (the
-transposed product: weight rows are the wgmma M side, tokens the narrow N side), where ``Q`` are
-the E2M1 weight values, ``S`` the per-block scales and ``c`` = 8 (E4M3) or 7 (E8M0); the caller
-multiplies ``2**c`` back with the global multiplier, sums the splits and transposes.
+Each CTA (one warpgroup) computes a 64-weight-row x up-to-256-token tile of the transposed
+product ``(Q * S) @ X.T`` (weight rows are the wgmma M side, tokens its N side), where ``Q`` are
+the E2M1 weight values and ``S`` the per-block scales, in float32. Two forms:
+
+* :func:`fp4_matmul_fused_mgpu` (K not split): the epilogue runs in the kernel: times the row
+  multipliers (global scale x ``2**c``), plus the bias, rounded to the output dtype and stored
+  transposed, so the result is ``(M, N)`` like the reference;
+* :func:`fp4_matmul_partials_mgpu` (split-K, for decode shapes with too few row tiles to fill
+  the GPU): float32 partials ``[split, N, M]`` times ``2**-c``; the caller sums, transposes and
+  applies the epilogue.
+
+``c`` = 8 (E4M3 scales) or 7 (E8M0) keeps the expanded weights in bf16's normal range (below).
 
 How it streams weights at HBM speed on a GPU without FP4 tensor cores:
 
@@ -19,13 +27,13 @@ How it streams weights at HBM speed on a GPU without FP4 tensor cores:
   ``2**-127``); ``q << 4`` brings the next nibble pair up. One ``mul.rn.bf16x2`` by the block
   scale times ``2**(126 - c)`` gives ``e2m1 * scale * 2**-c`` exactly (at most 6 significant bits,
   in bf16's normal range for E4M3 scales and E8M0 exponents in ``[9, 135]``).
-* So that this works, :func:`prepare_codes` permutes the nibbles inside each aligned 4-byte word
-  (word nibble ``3 - j`` holds element ``2j``, nibble ``7 - j`` element ``2j + 1``), and the
-  kernel's K order inside each 32-element chunk is the wgmma register order: column ``8j + 2p +
-  e`` of the expanded tile is K offset ``8p + 2j + e`` (``p`` = the thread's lane in its quad).
-  :func:`permute_activations` applies the same permutation to X's columns, so the product is
-  unchanged. Each thread's 8 elements lie in one scale block (16 or 32 along K), so a thread
-  needs one scale per row per chunk.
+* So that this works with activations in their natural K order, :func:`prepare_codes` lays each
+  16-byte row chunk (32 elements) out so that quad lane ``p`` loads exactly the elements wgmma
+  wants from it, ``8j + 2p + e`` (``j = 0..3``, ``e = 0, 1``): stored byte ``4p + j`` is natural
+  byte ``4j + p``; then, inside each 4-byte word, nibble ``3 - j`` holds element ``8j + 2p`` and
+  nibble ``7 - j`` element ``8j + 2p + 1``. NVFP4 words span two scale blocks (outputs ``j = 0,
+  1`` in the chunk's first 16 elements, ``j = 2, 3`` in the second), so a thread applies two
+  multipliers per word; MXFP4 words lie in one block.
 * Scales are stored transposed, ``(K / B, N)`` bytes, so that one block column of a tile is a
   contiguous row that loads straight into wgmma's row layout.
 
@@ -50,8 +58,9 @@ from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, llvm, vector
 
 SUB_K = 128  # K elements per wgmma call (one register tile of 64 x 128 bf16 per thread group)
-CHUNK = 32  # K elements whose order is permuted together (one 16-byte row of a thread quad)
+CHUNK = 32  # K elements laid out together (one 16-byte row chunk of a thread quad)
 ROWS = 64  # weight rows per warpgroup (wgmma's M)
+MAX_TOKENS = 256  # token rows per CTA at most (wgmma's widest N)
 _ROW_LAYOUT = plgpu.Layout.WGMMA.reduce(1)  # a [64] vector: each thread holds its rows r, r + 8
 
 
@@ -67,13 +76,21 @@ class MgpuConfig:
 
 
 def token_tile(m: int) -> int:
-    """Rows of X the kernel computes for ``m`` tokens: a multiple of 8 (wgmma's N), at least 8."""
-    return max(8, -(-m // 8) * 8)
+    """Token rows per CTA for ``m`` tokens: ``m`` rounded up to a multiple of 8 (wgmma's N step),
+    at least 8, at most 256 (wgmma's widest N)."""
+    return min(MAX_TOKENS, max(8, -(-m // 8) * 8))
 
 
-def smem_bytes(mt: int, bk: int, stages: int) -> int:
-    """Shared memory of the pipeline (upper bound: NVFP4's scale rows) plus the output tile."""
-    return stages * (mt * bk * 2 + ROWS * bk // 2 + (bk // 16) * ROWS) + ROWS * mt * 4
+def padded_tokens(m: int) -> int:
+    """Rows of X the kernel computes for ``m`` tokens: a multiple of :func:`token_tile`."""
+    mt = token_tile(m)
+    return -(-m // mt) * mt
+
+
+def smem_bytes(mt: int, bk: int, stages: int, out_bytes: int = 4) -> int:
+    """Shared memory of the pipeline (upper bound: NVFP4's scale rows), the output tile
+    (``out_bytes`` per element) and the epilogue rows."""
+    return stages * (mt * bk * 2 + ROWS * bk // 2 + (bk // 16) * ROWS) + ROWS * mt * out_bytes + 2 * ROWS * 4
 
 
 def epilogue_exponent(mx: bool) -> int:
@@ -85,16 +102,18 @@ def epilogue_exponent(mx: bool) -> int:
 
 
 def prepare_codes(codes: jax.Array) -> jax.Array:
-    """PyTorch-order packed E2M1 bytes ``(N, K/2)`` -> the kernel's order (same shape and dtype).
+    """PyTorch-order packed E2M1 bytes ``(N, K/2)`` (low nibble = even element) -> the kernel's
+    order (same shape and dtype; ``K % 32 == 0``).
 
-    Inside each aligned 4-byte word (8 elements ``e0..e7``, ``e0`` in the low nibble of byte 0),
-    nibble ``3 - j`` gets ``e_{2j}`` and nibble ``7 - j`` gets ``e_{2j+1}``."""
+    Inside each 16-byte chunk, stored byte ``4p + j`` is natural byte ``4j + p``; then inside each
+    4-byte word (8 elements ``w0..w7`` in that order, ``w_{2j+e}`` = chunk element ``8j + 2p +
+    e``), nibble ``3 - j`` gets ``w_{2j}`` and nibble ``7 - j`` gets ``w_{2j+1}``."""
     n, kb = codes.shape
-    if kb % 4:
-        raise ValueError(f"packed codes need K/2 % 4 == 0 (K % 8 == 0), got {codes.shape}")
-    c = codes.reshape(n, kb // 4, 4)
-    e = jnp.stack([c & 0xF, c >> 4], axis=-1).reshape(n, kb // 4, 8)  # e[..., i] = element i
-    order = np.array([6, 4, 2, 0, 7, 5, 3, 1])  # nibble position p holds element order[p]
+    if kb % 16:
+        raise ValueError(f"packed codes need K/2 % 16 == 0 (K % 32 == 0), got {codes.shape}")
+    c = codes.reshape(n, kb // 16, 4, 4).swapaxes(2, 3).reshape(n, kb // 4, 4)  # byte 4p + j <- 4j + p
+    e = jnp.stack([c & 0xF, c >> 4], axis=-1).reshape(n, kb // 4, 8)  # e[..., i] = word element i
+    order = np.array([6, 4, 2, 0, 7, 5, 3, 1])  # nibble position i holds word element order[i]
     nib = e[..., order]
     packed = nib[..., 0::2] | (nib[..., 1::2] << 4)
     return packed.astype(jnp.uint8).reshape(n, kb)
@@ -105,26 +124,22 @@ def prepare_scales(scales: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(scales, jnp.uint8).T if scales.dtype != jnp.uint8 else scales.T
 
 
-def permute_activations(x: jax.Array) -> jax.Array:
-    """Columns of ``x (M, K)`` in the kernel's K order: inside each 32-element chunk, column
-    ``8j + 2p + e`` takes element ``8p + 2j + e``."""
-    m, k = x.shape
-    return x.reshape(m, k // CHUNK, 4, 4, 2).swapaxes(2, 3).reshape(m, k)
-
-
 # ---------------------------------------------------------------------------------------------
 # In-register expansion (Mosaic GPU inline)
 
 # One nibble pair per output: top nibble of each 16-bit lane -> bf16 bits, times the multiplier;
-# then ``q <<= 4`` brings up the next pair. ``$4`` = the word, ``$5`` = the bf16x2 multiplier.
+# then ``q <<= 4`` brings up the next pair. ``$4`` = the word, ``$5`` / ``$6`` = the bf16x2
+# multipliers of outputs 0, 1 / 2, 3 (the two NVFP4 blocks of a word; the same one for MXFP4).
 _EXPAND_STEP = """and.b32 t, q, 0x70007000;
 shr.b32 t, t, 6;
 and.b32 u, q, 0x80008000;
 or.b32 u, u, t;
-mul.rn.bf16x2 ${j}, u, $5;
+mul.rn.bf16x2 ${j}, u, ${m};
 """
 _EXPAND_ASM = (
-    "{\n.reg .b32 q, t, u;\nmov.b32 q, $4;\n" + "shl.b32 q, q, 4;\n".join(_EXPAND_STEP.format(j=j) for j in range(4)) + "}\n"
+    "{\n.reg .b32 q, t, u;\nmov.b32 q, $4;\n"
+    + "shl.b32 q, q, 4;\n".join(_EXPAND_STEP.format(j=j, m=5 + j // 2) for j in range(4))
+    + "}\n"
 )
 
 # Two E4M3 bytes (low: row r, high: row r + 8) -> two bf16x2 registers {s, s} * 2**118.
@@ -171,20 +186,20 @@ def _scale_pairs(s_lo: ir.Value, s_hi: ir.Value, mx: bool) -> tuple[ir.Value, ir
     return llvm.extractvalue(i32, res, [0]), llvm.extractvalue(i32, res, [1])
 
 
-def _expand_word(word: ir.Value, mult: ir.Value, math: bool = True) -> list[ir.Value]:
-    """One 32-bit word of 8 permuted nibbles and a bf16x2 multiplier -> 4 bf16x2 registers
-    (wgmma column tiles ``j = 0..3`` of this thread's quad lane)."""
+def _expand_word(word: ir.Value, m01: ir.Value, m23: ir.Value, math: bool = True) -> list[ir.Value]:
+    """One 32-bit word of 8 permuted nibbles and the bf16x2 multipliers of its outputs 0, 1 and
+    2, 3 -> 4 bf16x2 registers (wgmma column tiles ``j = 0..3`` of this thread's quad lane)."""
     i32 = ir.IntegerType.get_signless(32)
     if not math:
-        return [word, arith.xori(word, mult), arith.shli(word, _i32(4)), arith.shrui(word, _i32(4))]
-    res = llvm.inline_asm(llvm.StructType.get_literal((i32,) * 4), [word, mult], _EXPAND_ASM, "=r,=r,=r,=r,r,r")
+        return [word, arith.xori(word, m01), arith.shli(word, _i32(4)), arith.xori(word, m23)]
+    res = llvm.inline_asm(llvm.StructType.get_literal((i32,) * 4), [word, m01, m23], _EXPAND_ASM, "=r,=r,=r,=r,r,r,r")
     return [llvm.extractvalue(i32, res, [j]) for j in range(4)]
 
 
 def expand_tile(w: jax.Array, scale_rows: tuple[jax.Array, ...], *, mx: bool, math: bool = True) -> jax.Array:
     """Packed bytes ``[64, SUB_K/2]`` (WGMMA_8BIT layout) and the sub-tile's scale rows
     (``[64]`` uint8 each, WGMMA row layout; 8 for NVFP4, 4 for MXFP4) -> bf16 ``[64, SUB_K]`` in
-    the WGMMA layout, K in the kernel's permuted order, times ``2**-c``."""
+    the WGMMA layout, K in natural order, times ``2**-c``."""
     rows, kb = w.shape
     nsb = len(scale_rows)
 
@@ -200,22 +215,17 @@ def expand_tile(w: jax.Array, scale_rows: tuple[jax.Array, ...], *, mx: bool, ma
         wregs = wf.registers
         assert wregs.shape == (rows // 64, kb // 16, 1, 1, 2, 1, 1, 1, 1), wregs.shape
         assert out_shape == (rows // 64, kb // 4, 1, 1, 2, 1, 1, 1, 1), out_shape
-        # NVFP4: lanes 0, 1 of a quad hold elements 0-15 of a 32-chunk, lanes 2, 3 elements 16-31.
-        upper = None if mx else arith.cmpi(arith.CmpIPredicate.ne, arith.andi(mgpu.utils.thread_idx(), _i32(2)), _i32(0))
         out = np.empty(out_shape, dtype=object)
         for rt in range(rows // 64):
             for c in range(kb // 16):  # 32-element chunks
                 if mx:
-                    s_lo = _scalar_i8(srows[c].registers.flat[0])
-                    s_hi = _scalar_i8(srows[c].registers.flat[1])
-                else:
-                    ev, od = srows[2 * c].registers.flat, srows[2 * c + 1].registers.flat
-                    s_lo = arith.select(upper, _scalar_i8(od[0]), _scalar_i8(ev[0]))
-                    s_hi = arith.select(upper, _scalar_i8(od[1]), _scalar_i8(ev[1]))
-                mults = _scale_pairs(s_lo, s_hi, mx)
-                for h in range(2):
+                    m01 = m23 = _scale_pairs(*(_scalar_i8(r) for r in srows[c].registers.flat[:2]), mx)
+                else:  # outputs 0, 1 in the chunk's first 16-block, 2, 3 in its second
+                    m01 = _scale_pairs(*(_scalar_i8(r) for r in srows[2 * c].registers.flat[:2]), mx)
+                    m23 = _scale_pairs(*(_scalar_i8(r) for r in srows[2 * c + 1].registers.flat[:2]), mx)
+                for h in range(2):  # rows r, r + 8
                     word = mgpu.utils.bitcast(wregs[rt, c, 0, 0, h, 0, 0, 0, 0], i32)
-                    for j, reg in enumerate(_expand_word(word, mults[h], math)):
+                    for j, reg in enumerate(_expand_word(word, m01[h], m23[h], math)):
                         out[rt, 4 * c + j, 0, 0, h, 0, 0, 0, 0] = mgpu.utils.bitcast(reg, bf16x2)
         return mgpu.FragmentedArray(_registers=out, _layout=out_layout, _is_signed=None)
 
@@ -231,28 +241,34 @@ def _swizzled(dtype, minor_bytes: int) -> tuple:
     return (plgpu.TilingTransform((8, minor_bytes * 8 // bits)), plgpu.SwizzleTransform(minor_bytes))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mx"))
-def fp4_matmul_partials_mgpu(x: jax.Array, codes: jax.Array, scales_t: jax.Array, *, cfg: MgpuConfig, mx: bool) -> jax.Array:
-    """Split-K partials ``[split_k, Np, Mt]`` float32 of ``(Q * S) @ X.T * 2**-c``.
+def _check(x: jax.Array, codes: jax.Array, cfg: MgpuConfig) -> None:
+    m, k = x.shape
+    np_ = codes.shape[0]
+    if cfg.bk % SUB_K or k % (cfg.bk * cfg.split_k) or np_ % ROWS or codes.shape[1] * 2 != k or (m >= 8 and m % 8):
+        raise ValueError(f"bad shapes for the Mosaic GPU kernel: x {x.shape}, codes {codes.shape}, {cfg}")
 
-    ``x`` bf16 ``(Mt, K)`` already in the kernel's column order (:func:`permute_activations`),
-    ``Mt % 8 == 0``, ``Mt <= 256``; ``codes`` uint8 ``(Np, K/2)`` from :func:`prepare_codes`,
-    ``Np % 64 == 0``; ``scales_t`` uint8 ``(K/B, Np)`` from :func:`prepare_scales`;
-    ``K % (bk * split_k) == 0``."""
-    mt, k = x.shape
+
+def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype):
+    """The kernel. ``epilogue`` (``(2, Np)`` float32: row multipliers, biases) or None (split-K
+    partials)."""
+    m, k = x.shape
+    mp, mt = padded_tokens(m), token_tile(m)  # rows past m: the TMA copy fills them with zeros
     np_ = codes.shape[0]
     blk = 32 if mx else 16
     bk, split = cfg.bk, cfg.split_k
-    if bk % SUB_K or k % (bk * split) or np_ % ROWS or mt % 8 or mt > 256:
-        raise ValueError(f"bad shapes for the Mosaic GPU kernel: x {x.shape}, codes {codes.shape}, {cfg}")
     ks = k // split  # K per split
     steps = ks // bk
     nsub = bk // SUB_K
     sb_sub = SUB_K // blk  # scale rows per sub-tile
+    fused = epilogue is not None
 
-    def kernel(x_gmem, w_gmem, s_gmem, o_gmem, o_smem):
+    def kernel(x_gmem, w_gmem, s_gmem, *refs, o_smem, e_smem=None, e_bar=None):
+        e_gmem, o_gmem = refs if fused else (None, *refs)
         ni = lax.axis_index("n")
+        mi = lax.axis_index("m")
         si = lax.axis_index("s")
+        if fused:  # the tile's multipliers and biases arrive while the main loop runs
+            plgpu.copy_gmem_to_smem(e_gmem.at[:, pl.ds(ni * ROWS, ROWS)], e_smem, e_bar)
 
         def with_acc(acc):
             def body(_, x_smem, w_smem, s_smem):
@@ -273,24 +289,84 @@ def fp4_matmul_partials_mgpu(x: jax.Array, codes: jax.Array, scales_t: jax.Array
                 ],
                 max_concurrent_steps=cfg.stages,
             )(
-                x_gmem.at[:, pl.ds(si * ks, ks)],
+                x_gmem.at[pl.ds(mi * mt, mt), pl.ds(si * ks, ks)],
                 w_gmem.at[pl.ds(ni * ROWS, ROWS), pl.ds(si * (ks // 2), ks // 2)],
                 s_gmem.at[pl.ds(si * (ks // blk), ks // blk), pl.ds(ni * ROWS, ROWS)],
             )
             return acc[...]
 
         res = pl.run_scoped(with_acc, plgpu.ACC((ROWS, mt), jnp.float32))
-        o_smem[...] = res
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * ROWS, ROWS)])
+        if fused:
+            plgpu.barrier_wait(e_bar)
+            mult = lax.broadcast_in_dim(plgpu.load(e_smem.at[0], (), layout=_ROW_LAYOUT), (ROWS, mt), (0,))
+            add = lax.broadcast_in_dim(plgpu.load(e_smem.at[1], (), layout=_ROW_LAYOUT), (ROWS, mt), (0,))
+            y = (res * mult + add).astype(out_dtype)
+            # Stored transposed ([tokens, rows]): the output is (M, N) like the xla path's.
+            plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(y, plgpu.Layout.WGMMA_TRANSPOSED)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(mi * mt, mt), pl.ds(ni * ROWS, ROWS)])
+        else:
+            o_smem[...] = res
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * ROWS, ROWS), pl.ds(mi * mt, mt)])
         plgpu.wait_smem_to_gmem(0)
 
+    if fused:
+        out_type = jax.ShapeDtypeStruct((mp, np_), out_dtype)
+        scratch = dict(
+            o_smem=plgpu.SMEM((mt, ROWS), out_dtype, transforms=_swizzled(out_dtype, 128)),
+            e_smem=plgpu.SMEM((2, ROWS), jnp.float32),
+            e_bar=plgpu.Barrier(num_arrivals=1),
+        )
+        args = (x, codes, scales_t, epilogue)
+    else:
+        out_type = jax.ShapeDtypeStruct((split, np_, mp), jnp.float32)
+        scratch = dict(o_smem=plgpu.SMEM((ROWS, mt), jnp.float32))
+        args = (x, codes, scales_t)
     f = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((split, np_, mt), jnp.float32),
-        grid=(np_ // ROWS, split),
-        grid_names=("n", "s"),
-        scratch_types=dict(o_smem=plgpu.SMEM((ROWS, mt), jnp.float32)),
+        out_type=out_type,
+        grid=(np_ // ROWS, mp // mt, split),
+        grid_names=("n", "m", "s"),
+        scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
     )
-    return f(x, codes, scales_t)
+    return f(*args)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mx"))
+def fp4_matmul_partials_mgpu(x: jax.Array, codes: jax.Array, scales_t: jax.Array, *, cfg: MgpuConfig, mx: bool) -> jax.Array:
+    """Split-K partials ``[split_k, Np, Mp]`` float32 of ``(Q * S) @ X.T * 2**-c`` (the caller sums
+    them, transposes and multiplies ``2**c`` back); ``Mp = padded_tokens(M)``.
+
+    ``x`` bf16 ``(M, K)`` (natural K order; ``M < 8`` or ``M % 8 == 0``: rows up to
+    :func:`padded_tokens` are read as zeros by the TMA copies); ``codes`` uint8
+    ``(Np, K/2)`` from :func:`prepare_codes`, ``Np % 64 == 0``; ``scales_t`` uint8 ``(K/B, Np)``
+    from :func:`prepare_scales`; ``K % (bk * split_k) == 0``."""
+    _check(x, codes, cfg)
+    return _build(x, codes, scales_t, None, cfg=cfg, mx=mx, out_dtype=jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mx", "out_dtype"))
+def fp4_matmul_fused_mgpu(
+    x: jax.Array,
+    codes: jax.Array,
+    scales_t: jax.Array,
+    alpha: jax.Array,
+    bias: jax.Array,
+    *,
+    cfg: MgpuConfig,
+    mx: bool,
+    out_dtype: jnp.dtype = jnp.bfloat16,
+) -> jax.Array:
+    """``y = (X @ (Q * S).T) * alpha + bias`` ``(Mp, Np)`` in ``out_dtype`` (``Mp = padded_tokens(M)``)
+    with the epilogue in the kernel (one K split: ``cfg.split_k == 1``): the float32 sum times
+    ``alpha * 2**c`` (the same as the sum times ``2**c`` times ``alpha``: a power of two), plus
+    ``bias`` (the compiler may contract the two into one FMA, rounding once), rounded to
+    ``out_dtype``. ``alpha``, ``bias``: float32 ``(Np,)``; other arguments as
+    :func:`fp4_matmul_partials_mgpu`."""
+    _check(x, codes, cfg)
+    if cfg.split_k != 1:
+        raise ValueError(f"the fused epilogue needs split_k == 1, got {cfg}")
+    e = jnp.stack([alpha.astype(jnp.float32) * jnp.float32(2.0 ** epilogue_exponent(mx)), bias.astype(jnp.float32)])
+    return _build(x, codes, scales_t, e, cfg=cfg, mx=mx, out_dtype=jnp.dtype(out_dtype))

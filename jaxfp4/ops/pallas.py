@@ -9,9 +9,10 @@ What it computes, for all four recipes (``alpha_n`` = the weight row's global mu
 * ``y[m, n] = alpha_n * sum_k x[m, k] * (q[n, k] * s[n, k/B])`` with the E2M1 x scale product
   exact and float32 accumulation; bias added in float32; output in ``x.dtype``.
 
-Kernels: for decode (``M <= 64``) on params carrying a :class:`~jaxfp4.ops.params.KernelLayout`
-(made once by :func:`prepare_weights`), the Mosaic GPU kernel (:mod:`jaxfp4.kernels.w4a16_mgpu`:
-TMA pipeline, weights expanded in registers straight into wgmma); otherwise the Triton-lowered
+Kernels: on params carrying a :class:`~jaxfp4.ops.params.KernelLayout` (made once by
+:func:`prepare_weights`), the Mosaic GPU kernel (:mod:`jaxfp4.kernels.w4a16_mgpu`: TMA pipeline,
+weights expanded in registers straight into wgmma, the epilogue in the kernel when K is not
+split), for every M (``MGPU_MAX_M``); otherwise the Triton-lowered
 W4A16 kernel (bf16 tensor cores; every recipe) and, for MXFP4 W4A8, the FP8 kernel (FP8 tensor
 cores; :mod:`jaxfp4.kernels.w4a8_triton`). For W4A8 the tuned config (or the heuristic) picks one
 of the Triton kernels by M: the FP8 kernel's config has ``dequant="fp8"``; the others take the
@@ -157,11 +158,15 @@ def default_split(n: int, k: int, bn: int, bk: int, programs: int = 264) -> int:
     return split
 
 
-MGPU_MAX_M = 64  # decode rows served by the Mosaic GPU kernel (tokens are wgmma's narrow side)
+# Rows served by the Mosaic GPU kernel when the params carry its layout: every M. On the H100 it
+# beat the Triton kernel at M = 4096 (0.57-0.65x of bf16 vs 0.41-0.48x) and matched it at M = 128
+# (kernels/results/gemm-*.json, backends "pallas" and "pallas_triton", 2026-11-23); lower this
+# in the kernel lab to compare.
+MGPU_MAX_M = 1 << 62
 
 
 def prepare_weights(params: Fp4LinearParams) -> Fp4LinearParams:
-    """``params`` plus a :class:`KernelLayout` of its weight for the Mosaic GPU decode kernel.
+    """``params`` plus a :class:`KernelLayout` of its weight for the Mosaic GPU kernel.
 
     Pure (a new pytree; ``params`` is untouched) and done once, at load time: it rewrites every
     weight byte. Works on any backend (the "xla" path ignores the layout); jit it to run it on
@@ -180,19 +185,20 @@ def prepare_weights(params: Fp4LinearParams) -> Fp4LinearParams:
 
 
 def choose_mgpu_config(m: int, n: int, k: int):
-    """Mosaic GPU decode-kernel config: split K until there are about two CTAs per H100 SM (while
-    each split keeps >= 1024 K), 512-K steps with 3 stages where each split has >= 2048 K, else
-    256-K steps with 4 stages (the best patterns of kernels/results/mgpu-*.json); then fewer
+    """Mosaic GPU kernel config: split K until there are about two CTAs per H100 SM (while each
+    split keeps >= 1024 K), 512-K steps with 3 stages where each split has >= 2048 K, else 256-K
+    steps with 4 stages (the best decode patterns of kernels/results/mgpu-*.json); then fewer
     stages / smaller steps until the pipeline fits in shared memory (~200 KiB)."""
-    from jaxfp4.kernels.w4a16_mgpu import ROWS, MgpuConfig, smem_bytes, token_tile
+    from jaxfp4.kernels.w4a16_mgpu import ROWS, SUB_K, MgpuConfig, padded_tokens, smem_bytes, token_tile
 
-    tiles, split = -(-n // ROWS), 1
+    mt = token_tile(m)
+    tiles, split = -(-n // ROWS) * (padded_tokens(m) // mt), 1
     while tiles * split < 256 and k % (256 * split * 2) == 0 and k // (split * 2) >= 1024:
         split *= 2
     ks = k // split
     bk, stages = (512, 3) if ks % 512 == 0 and ks >= 2048 else (256, 4) if ks % 256 == 0 else (128, 4)
-    mt = token_tile(m)
-    while smem_bytes(mt, bk, stages) > 200 * 1024:
+    out_bytes = 2 if split == 1 else 4  # the fused epilogue's bf16 tile, else float32 partials
+    while smem_bytes(mt, bk, stages, out_bytes) > 200 * 1024 and (stages > 2 or bk > SUB_K):
         if stages > 2:
             stages -= 1
         else:
@@ -201,22 +207,48 @@ def choose_mgpu_config(m: int, n: int, k: int):
 
 
 def uses_mgpu(params: Fp4LinearParams, m: int) -> bool:
-    """Whether ``forward`` runs the Mosaic GPU decode kernel for ``m`` rows of activations."""
+    """Whether ``forward`` runs the Mosaic GPU kernel for ``m`` rows of activations."""
     return params.kernel_layout is not None and m <= MGPU_MAX_M and not _interpret
 
 
-def mgpu_matmul(x2: jax.Array, layout: KernelLayout, mx: bool, cfg=None) -> jax.Array:
-    """float32 ``x2 @ (Q*S).T`` ``(M, N)`` (before the global multiplier) by the Mosaic GPU kernel;
-    ``x2`` bf16 ``(M, K)``; ``cfg`` defaults to :func:`choose_mgpu_config`."""
+def mgpu_linear(
+    x2: jax.Array,
+    layout: KernelLayout,
+    mx: bool,
+    alpha: jax.Array,
+    bias: jax.Array | None,
+    out_dtype: jnp.dtype,
+    cfg=None,
+) -> jax.Array:
+    """``x2 @ (Q*S).T * alpha + bias`` ``(M, N)`` in ``out_dtype`` by the Mosaic GPU kernel; ``x2``
+    bf16 ``(M, K)``, ``alpha`` float32 ``(N,)``; ``cfg`` defaults to :func:`choose_mgpu_config`.
+    With one K split the epilogue runs in the kernel, else on its float32 split-K partials."""
     from jaxfp4.kernels import w4a16_mgpu
 
     m = x2.shape[0]
-    kp = layout.codes.shape[1] * 2
-    mt = w4a16_mgpu.token_tile(m)
-    cfg = cfg or choose_mgpu_config(m, layout.codes.shape[0], kp)
-    xp = w4a16_mgpu.permute_activations(jnp.pad(x2, ((0, mt - m), (0, kp - x2.shape[1]))))
+    np_, kp = layout.codes.shape[0], layout.codes.shape[1] * 2
+    mp = w4a16_mgpu.padded_tokens(m)
+    cfg = cfg or choose_mgpu_config(m, np_, kp)
+    # Token rows are not padded to the tile: the kernel's TMA copies fill rows past M with zeros
+    # (Mosaic GPU only needs M < 8 or M % 8 == 0). K is padded to the layout's.
+    mx8 = m if m < 8 else -(-m // 8) * 8
+    xp = jnp.pad(x2, ((0, mx8 - m), (0, kp - x2.shape[1]))) if (mx8, kp) != x2.shape else x2
+    if cfg.split_k == 1:
+        a = jnp.pad(alpha, (0, np_ - layout.n))
+        b = jnp.zeros((np_,), jnp.float32) if bias is None else jnp.pad(bias.astype(jnp.float32), (0, np_ - layout.n))
+        y = w4a16_mgpu.fp4_matmul_fused_mgpu(xp, layout.codes, layout.scales, a, b, cfg=cfg, mx=mx, out_dtype=out_dtype)
+        return y[:m, : layout.n] if (mp, np_) != (m, layout.n) else y
     parts = w4a16_mgpu.fp4_matmul_partials_mgpu(xp, layout.codes, layout.scales, cfg=cfg, mx=mx)
-    return parts.sum(0).T[:m, : layout.n] * jnp.float32(2.0 ** w4a16_mgpu.epilogue_exponent(mx))
+    y = parts.sum(0).T[:m, : layout.n] * jnp.float32(2.0 ** w4a16_mgpu.epilogue_exponent(mx))  # exact
+    return _epilogue(y, alpha, bias, out_dtype)
+
+
+def _epilogue(y: jax.Array, alpha: jax.Array, bias: jax.Array | None, out_dtype: jnp.dtype) -> jax.Array:
+    """float32 ``y (M, N)`` times the row multipliers ``alpha``, plus ``bias``, in ``out_dtype``."""
+    y = y * alpha[None, :]
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(out_dtype)
 
 
 def _triton_matmul(x2: jax.Array, w, acts: str) -> jax.Array:
@@ -264,10 +296,7 @@ def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None, out_d
     if uses_mgpu(params, x2.shape[0]):
         if acts == "fp8":
             x2 = codecs.decode_e4m3(x2).astype(jnp.bfloat16)  # exact
-        y = mgpu_matmul(x2, params.kernel_layout, w.format is FP4Format.MXFP4)
+        y = mgpu_linear(x2, params.kernel_layout, w.format is FP4Format.MXFP4, alpha, bias, out_dtype)
     else:
-        y = _triton_matmul(x2, w, acts)
-    y = y * alpha[None, :]
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y.astype(out_dtype).reshape(*lead, w.n)
+        y = _epilogue(_triton_matmul(x2, w, acts), alpha, bias, out_dtype)
+    return y.reshape(*lead, w.n)

@@ -2,8 +2,8 @@
 
 On CPU (CI): the kernel's register-level expansion is emulated in numpy from its documented
 layout (which bytes a thread loads, the PTX bit operations, which wgmma column each result
-feeds) and must reproduce the dequantized weight exactly (``array_equal``) in the kernel's K
-order, which ``permute_activations`` applies to the activations; the kernel lowers for CUDA on
+feeds) and must reproduce the dequantized weight exactly (``array_equal``) in natural K order,
+so the activations need no re-ordering; the kernel lowers for CUDA on
 the CPU-only install (jax 0.10). On a GPU: the kernel against the exact float64 product and
 ``fp4_linear`` against the "xla" reference (tolerances: tests/kernels/test_w4a16.py's docstring).
 """
@@ -21,6 +21,7 @@ import pytest
 import jaxfp4
 from jaxfp4.formats import MXFP4W4A8, MXFP4W4A16, NVFP4W4A4, NVFP4W4A16, FP4Format, GlobalScale, QuantizedTensor
 from jaxfp4.kernels import w4a16_mgpu as K
+from jaxfp4.ops import pallas
 from tests.conftest import requires_gpu
 from tests.kernels.test_w4a16 import _check_against_reference, _params
 
@@ -44,56 +45,53 @@ def _bf16(bits: np.ndarray) -> np.ndarray:
 
 
 def _emulate_expansion(codes_p: np.ndarray, scales_t: np.ndarray, mx: bool) -> np.ndarray:
-    """The expanded bf16 tile ``A`` (float64, ``(N, K)``, kernel K order) that the kernel feeds
-    wgmma, times ``2**c``: thread lane ``p`` of a quad loads bytes ``4p..4p+3`` of each 16-byte
-    row chunk as one little-endian word; output ``j`` (``q << 4j``, then ``(q & 0x80008000) |
-    ((q & 0x70007000) >> 6)``) times the bf16 multiplier goes to columns ``8j + 2p + {0, 1}``."""
+    """The expanded bf16 tile ``A`` (float64, ``(N, K)``) that the kernel feeds wgmma, times
+    ``2**c``: thread lane ``p`` of a quad loads bytes ``4p..4p+3`` of each 16-byte row chunk as one
+    little-endian word; output ``j`` (``q << 4j``, then ``(q & 0x80008000) | ((q & 0x70007000) >>
+    6)``) times the bf16 multiplier of its column's block goes to columns ``8j + 2p + {0, 1}``."""
     n, kb = codes_p.shape
     words = codes_p.reshape(n, kb // 16, 4, 4).astype(np.uint32)
     words = words[..., 0] | (words[..., 1] << 8) | (words[..., 2] << 16) | (words[..., 3] << 24)  # [n, chunk, p]
     s = scales_t.T  # [n, K/B]
     chunks = np.arange(kb // 16)
     if mx:
-        mult = 2.0 ** (s[:, chunks].astype(np.float64) - 8)[..., None].repeat(4, -1)  # [n, chunk, p]
+        mult = 2.0 ** (s[:, chunks].astype(np.float64) - 8)[..., None].repeat(4, -1)  # [n, chunk, j]
     else:
         e4m3 = s.view(ml_dtypes.float8_e4m3fn).astype(np.float64) * 2.0**118
-        b = 2 * chunks[:, None] + (np.arange(4)[None, :] >= 2)  # lanes 2, 3 hold the block's upper half
+        b = 2 * chunks[:, None] + (np.arange(4)[None, :] >= 2)  # outputs 2, 3 lie in the chunk's second block
         mult = e4m3[:, b]
     mult = _bf16(mult.astype(ml_dtypes.bfloat16).view(np.uint16))  # the multiplier is a bf16 {s, s}
     a = np.zeros((n, kb // 16, 4, 4, 2))  # [n, chunk, j, p, e]
     for j in range(4):
         q = (words << np.uint32(4 * j)) & np.uint32(0xFFFFFFFF)
         bits = (q & np.uint32(0x80008000)) | ((q & np.uint32(0x70007000)) >> np.uint32(6))
-        a[:, :, j, :, 0] = _bf16(bits & 0xFFFF) * mult
-        a[:, :, j, :, 1] = _bf16(bits >> 16) * mult
+        a[:, :, j, :, 0] = _bf16(bits & 0xFFFF) * mult[:, :, j, None]
+        a[:, :, j, :, 1] = _bf16(bits >> 16) * mult[:, :, j, None]
     c = K.epilogue_exponent(mx)
     return a.reshape(n, kb * 2) * 2.0**c
 
 
 @pytest.mark.parametrize("fmt", [FP4Format.NVFP4, FP4Format.MXFP4])
-def test_register_expansion_reproduces_the_weight_in_kernel_order(fmt):
+def test_register_expansion_reproduces_the_weight_in_natural_order(fmt):
     n, k = 48, 256
     q = _weight(0, n, k, fmt)
     mx = fmt is FP4Format.MXFP4
     a = _emulate_expansion(np.asarray(K.prepare_codes(q.codes)), np.asarray(K.prepare_scales(q.scales)), mx)
     w = np.asarray(jaxfp4.dequantize(q, dtype=jnp.float32), np.float64)
-    perm = np.asarray(K.permute_activations(jnp.arange(k, dtype=jnp.float32)[None, :]))[0].astype(int)
-    assert sorted(perm) == list(range(k))
-    assert np.array_equal(a, w[:, perm])  # every product exact, every element in its place
-    # ... so the kernel's K order, applied to X by permute_activations, leaves the product unchanged:
-    x = np.random.default_rng(1).standard_normal((3, k))
-    np.testing.assert_allclose(x[:, perm] @ a.T, x @ w.T, rtol=1e-12, atol=1e-12)
+    assert np.array_equal(a, w)  # every product exact, every element in its place
 
 
-def test_prepare_codes_is_a_nibble_permutation_inside_each_word():
-    c = jnp.asarray(np.random.default_rng(2).integers(0, 256, (5, 64), dtype=np.uint8))
-    p = np.asarray(K.prepare_codes(c))
-    nib = lambda a: np.stack([a & 0xF, a >> 4], -1).reshape(a.shape[0], -1, 8)
-    assert np.array_equal(np.sort(nib(np.asarray(c)), -1), np.sort(nib(p), -1))
-    # word nibble 3 - j holds element 2j, nibble 7 - j element 2j + 1 (the module docstring)
-    for j in range(4):
-        assert np.array_equal(nib(p)[..., 3 - j], nib(np.asarray(c))[..., 2 * j])
-        assert np.array_equal(nib(p)[..., 7 - j], nib(np.asarray(c))[..., 2 * j + 1])
+def test_prepare_codes_is_a_nibble_permutation_inside_each_chunk():
+    c = np.random.default_rng(2).integers(0, 256, (5, 64), dtype=np.uint8)
+    p = np.asarray(K.prepare_codes(jnp.asarray(c)))
+    nib = lambda a: np.stack([a & 0xF, a >> 4], -1).reshape(a.shape[0], -1, 4, 8)  # [n, chunk, p, nibble]
+    natural = nib(c).reshape(5, -1, 32)  # [n, chunk, element]
+    assert np.array_equal(np.sort(natural, -1), np.sort(nib(p).reshape(5, -1, 32), -1))
+    # lane p's word: nibble 3 - j holds element 8j + 2p, nibble 7 - j element 8j + 2p + 1 (module docstring)
+    for p_ in range(4):
+        for j in range(4):
+            assert np.array_equal(nib(p)[:, :, p_, 3 - j], natural[:, :, 8 * j + 2 * p_])
+            assert np.array_equal(nib(p)[:, :, p_, 7 - j], natural[:, :, 8 * j + 2 * p_ + 1])
 
 
 def test_prepare_weights_is_pure_and_pads():
@@ -120,24 +118,59 @@ def test_prepare_weights_is_pure_and_pads():
 )
 @pytest.mark.parametrize("mx", [False, True])
 def test_mgpu_kernel_lowers_for_cuda_on_cpu_install(mx):
+    """Both forms, one token tile (M = 1: rows past M come from the TMA zero fill; M = 64) and
+    several (M = 304: two 256-token tiles), through Mosaic GPU's lowering (layouts, shared memory)."""
     blk = 32 if mx else 16
-    for mt, n, k, cfg in [(8, 128, 1024, K.MgpuConfig(256, 2, 4)), (64, 64, 2048, K.MgpuConfig(256, 1, 3))]:
-        f = jax.jit(lambda x, c, s, cfg=cfg: K.fp4_matmul_partials_mgpu(x, c, s, cfg=cfg, mx=mx))
-        args = (
-            jax.ShapeDtypeStruct((mt, k), jnp.bfloat16),
+    cases = [
+        (1, 128, 1024, K.MgpuConfig(256, 2, 4)),
+        (64, 64, 2048, K.MgpuConfig(256, 1, 3)),
+        (1, 128, 1024, K.MgpuConfig(512, 1, 3)),
+        (304, 128, 512, K.MgpuConfig(128, 1, 2)),
+        (304, 64, 512, K.MgpuConfig(128, 2, 2)),
+    ]
+    for m, n, k, cfg in cases:
+        args = [
+            jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
             jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
             jax.ShapeDtypeStruct((k // blk, n), jnp.uint8),
-        )
-        assert "mosaic_gpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        ]
+        if cfg.split_k == 1:
+            args += [jax.ShapeDtypeStruct((n,), jnp.float32)] * 2
+            f = jax.jit(lambda *a, cfg=cfg: K.fp4_matmul_fused_mgpu(*a, cfg=cfg, mx=mx))
+            out = (K.padded_tokens(m), n)
+        else:
+            f = jax.jit(lambda *a, cfg=cfg: K.fp4_matmul_partials_mgpu(*a, cfg=cfg, mx=mx))
+            out = (cfg.split_k, n, K.padded_tokens(m))
+        lowered = f.trace(*args).lower(lowering_platforms=("cuda",))
+        assert "mosaic_gpu" in lowered.as_text() and lowered.out_info.shape == out
 
 
 def test_mgpu_kernel_rejects_bad_shapes():
-    with pytest.raises(ValueError, match="bad shapes"):
+    with pytest.raises(ValueError, match="bad shapes"):  # M >= 8 must be a multiple of 8
+        K.fp4_matmul_partials_mgpu(
+            jnp.zeros((12, 256), jnp.bfloat16),
+            jnp.zeros((64, 128), jnp.uint8),
+            jnp.zeros((16, 64), jnp.uint8),
+            cfg=K.MgpuConfig(256, 1, 2),
+            mx=False,
+        )
+    with pytest.raises(ValueError, match="bad shapes"):  # K not a multiple of bk * split_k
         K.fp4_matmul_partials_mgpu(
             jnp.zeros((5, 256), jnp.bfloat16),
             jnp.zeros((64, 128), jnp.uint8),
             jnp.zeros((16, 64), jnp.uint8),
-            cfg=K.MgpuConfig(256, 1, 2),
+            cfg=K.MgpuConfig(256, 2, 2),
+            mx=False,
+        )
+    with pytest.raises(ValueError, match="split_k == 1"):
+        z = jnp.zeros((64,), jnp.float32)
+        K.fp4_matmul_fused_mgpu(
+            jnp.zeros((5, 512), jnp.bfloat16),
+            jnp.zeros((64, 256), jnp.uint8),
+            jnp.zeros((32, 64), jnp.uint8),
+            z,
+            z,
+            cfg=K.MgpuConfig(256, 2, 2),
             mx=False,
         )
 
@@ -145,31 +178,53 @@ def test_mgpu_kernel_rejects_bad_shapes():
 @requires_gpu
 @pytest.mark.parametrize("fmt", [FP4Format.NVFP4, FP4Format.MXFP4])
 @pytest.mark.parametrize(
-    ("m", "n", "k", "cfg"), [(1, 64, 512, K.MgpuConfig(512, 1, 2)), (16, 192, 2048, K.MgpuConfig(256, 4, 4))]
+    ("m", "n", "k", "cfg"),
+    [
+        (1, 64, 512, K.MgpuConfig(512, 1, 2)),
+        (16, 192, 2048, K.MgpuConfig(256, 4, 4)),
+        (40, 128, 1024, K.MgpuConfig(128, 1, 3)),
+        (300, 128, 512, K.MgpuConfig(128, 1, 2)),  # two 256-token tiles
+        (300, 64, 1024, K.MgpuConfig(128, 2, 2)),
+    ],
 )
 def test_mgpu_kernel_equals_exact_product_on_gpu(fmt, m, n, k, cfg):
-    """Partials times 2**c against the float64 product, within float32 summation."""
+    """Partials times 2**c (split-K) or the fused epilogue's float32 output (one split; row
+    multipliers and biases applied in the kernel) against the float64 product, within float32
+    summation: K * 2**-24 of sum|products| (plus the epilogue's two roundings, 2**-23 of |y|)."""
     mx = fmt is FP4Format.MXFP4
     q = _weight(m, n, k, fmt)
     x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
-    mt = K.token_tile(m)
-    xp = K.permute_activations(jnp.pad(x, ((0, mt - m), (0, 0))))
-    parts = K.fp4_matmul_partials_mgpu(xp, K.prepare_codes(q.codes), K.prepare_scales(q.scales), cfg=cfg, mx=mx)
-    got = np.asarray(parts, np.float64).sum(0).T[:m] * 2.0 ** K.epilogue_exponent(mx)
+    xp = x if m < 8 or m % 8 == 0 else jnp.pad(x, ((0, -m % 8), (0, 0)))  # tile rows past M: TMA zero fill
+    codes, scales = K.prepare_codes(q.codes), K.prepare_scales(q.scales)
     w = np.asarray(jaxfp4.dequantize(q, dtype=jnp.float32), np.float64)
     xf = np.asarray(x.astype(jnp.float32), np.float64)
-    assert np.all(np.abs(got - xf @ w.T) <= k * 2.0**-24 * (np.abs(xf) @ np.abs(w).T) + 1e-30)
+    mag = np.abs(xf) @ np.abs(w).T
+    if cfg.split_k == 1:
+        alpha = jax.random.uniform(jax.random.key(1), (n,), jnp.float32, 0.5, 2.0)
+        bias = jax.random.normal(jax.random.key(2), (n,), jnp.float32)
+        y = K.fp4_matmul_fused_mgpu(xp, codes, scales, alpha, bias, cfg=cfg, mx=mx, out_dtype=jnp.float32)
+        a = np.asarray(alpha, np.float64)
+        got, want, mag = np.asarray(y, np.float64)[:m], (xf @ w.T) * a + np.asarray(bias, np.float64), mag * a
+        assert np.all(np.abs(got - want) <= k * 2.0**-24 * mag + 2.0**-23 * np.abs(want) + 1e-30)
+    else:
+        parts = K.fp4_matmul_partials_mgpu(xp, codes, scales, cfg=cfg, mx=mx)
+        got = np.asarray(parts, np.float64).sum(0).T[:m] * 2.0 ** K.epilogue_exponent(mx)
+        assert np.all(np.abs(got - xf @ w.T) <= k * 2.0**-24 * mag + 1e-30)
 
 
 @requires_gpu
 @pytest.mark.parametrize("recipe", [pytest.param(r, id=r.name) for r in RECIPES])
 @pytest.mark.parametrize(
-    ("lead", "n", "k"), [((1,), 4096, 1024), ((2, 3), 200, 160), ((16,), 1000, 512), ((64,), 256, 2048)]
+    ("lead", "n", "k"),
+    [((1,), 4096, 1024), ((2, 3), 200, 160), ((16,), 1000, 512), ((64,), 256, 2048), ((300,), 320, 512)],
 )
-def test_fp4_linear_with_kernel_layout_matches_xla_on_gpu(recipe, lead, n, k):
+def test_fp4_linear_with_kernel_layout_matches_xla_on_gpu(recipe, lead, n, k, monkeypatch):
+    """Every M through the Mosaic GPU kernel (the dispatch limit lifted), split-K and fused."""
     if k % recipe.weight_format.block_size:
         pytest.skip("K must be a multiple of the MXFP4 block (32)")
+    monkeypatch.setattr(pallas, "MGPU_MAX_M", 1 << 30)
     p = jaxfp4.prepare_weights(_params(recipe, n, k, fused=True))
     x = jax.random.normal(jax.random.key(n), (*lead, k), jnp.float32).astype(jnp.bfloat16)
+    assert pallas.uses_mgpu(p, x.size // k)
     y = jax.jit(lambda x, p: jaxfp4.fp4_linear(x, p))(x, p)
     _check_against_reference(x, p, y)
