@@ -169,7 +169,8 @@ def test_llama_tensor_parallel_matches_single_device(name):
     path = os.path.join(FIXTURES, name)
     single = Llama(jaxfp4.load_checkpoint(path))
     tp = Llama(jaxfp4.load_checkpoint(path, place=checkpoint_placement(mesh, "model")), tp=TPConfig(mesh, "model"))
-    assert tp.layers[0].self_attn.q_proj.weight.get_value().codes.sharding.spec == P("model", None)
+    assert tp.layers[0].self_attn.qkv.sizes is None  # not fused under tensor parallelism
+    assert tp.layers[0].self_attn.qkv.layers[0].weight.get_value().codes.sharding.spec == P("model", None)
     prompt = jnp.array([[1, 5, 9, 14], [3, 3, 200, 7]], jnp.int32)
     toks_1, logits_1 = generate(single, prompt, max_new_tokens=8)
     toks_t, logits_t = generate(tp, prompt, max_new_tokens=8)

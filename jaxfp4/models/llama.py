@@ -6,6 +6,11 @@ loaded), the rest (``lm_head``, anything on the ignore list) stay dense. The ari
 transformers' ``LlamaForCausalLM`` (eager attention): RMSNorm in float32, rotary embeddings with
 ``cos``/``sin`` cast to the activation dtype, softmax in float32, SiLU-gated MLP.
 
+Serving layout (both exact, on by default): projections that read the same input and fuse
+exactly (:func:`jaxfp4.ops.fusion_blocker`) run as one layer (q/k/v, gate/up: fewer, larger
+GEMMs); on a GPU every quantized weight also gets its kernel layout (:func:`jaxfp4.prepare_weights`,
+which keeps a second copy of the codes on the device).
+
 Decoding runs with a static-shape KV cache (``[layers, batch, max_len, kv_heads, head_dim]``), one
 jit-compiled prefill + ``lax.scan`` decode loop: no recompilation per token.
 """
@@ -23,6 +28,7 @@ from jax.sharding import Mesh
 
 from jaxfp4.checkpoint import Checkpoint
 from jaxfp4.nn import Fp4Linear
+from jaxfp4.ops import concat_params, fusion_blocker, prepare_weights
 from jaxfp4.sharding import LLAMA_PLAN, Parallel, TensorParallel, plan_mode
 
 
@@ -111,15 +117,62 @@ class DenseLinear(nnx.Module):
 
 
 def linear_from_checkpoint(
-    ckpt: Checkpoint, module: str, backend: str | None, tp: TPConfig | None = None
+    ckpt: Checkpoint, module: str, backend: str | None, tp: TPConfig | None = None, prepare: bool = False
 ) -> Fp4Linear | DenseLinear:
     """The module as stored: an :class:`Fp4Linear` if quantized (tensor-parallel per ``tp``'s
-    plan when given), else a :class:`DenseLinear` (replicated)."""
+    plan when given; with its kernel layout when ``prepare``), else a :class:`DenseLinear`
+    (replicated)."""
     if module in ckpt.quantized:
-        return Fp4Linear.from_params(ckpt.quantized[module], backend=backend, tp=tp.for_module(module) if tp else None)
+        p = ckpt.quantized[module]
+        p = prepare_weights(p) if prepare and tp is None else p
+        return Fp4Linear.from_params(p, backend=backend, tp=tp.for_module(module) if tp else None)
     if module + ".weight" not in ckpt.dense:
         raise KeyError(f"{ckpt.path}: no tensor for module {module!r} (neither quantized nor {module}.weight)")
     return DenseLinear(ckpt.dense[module + ".weight"], ckpt.dense.get(module + ".bias"))
+
+
+class Projections(nnx.Module):
+    """Linear layers reading the same input (q/k/v, gate/up): one fused layer whose output is split
+    at ``sizes`` when they fuse exactly (and ``fuse``): all quantized and :func:`fusion_blocker`
+    finds nothing (an :class:`Fp4Linear`), or all dense of one dtype (a :class:`DenseLinear`);
+    else each layer on its own (``sizes`` is ``None``). Calling it returns the list of their
+    outputs either way."""
+
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        modules: list[str],
+        backend: str | None,
+        tp: TPConfig | None,
+        *,
+        fuse: bool,
+        prepare: bool,
+    ):
+        parts = [ckpt.quantized.get(m) for m in modules]
+        dense = [ckpt.dense.get(m + ".weight") for m in modules]
+        if fuse and tp is None and all(p is not None for p in parts) and fusion_blocker(parts) is None:
+            p = concat_params(parts)
+            layers = [Fp4Linear.from_params(prepare_weights(p) if prepare else p, backend=backend)]
+            self.sizes = tuple(q.out_features for q in parts)
+        elif fuse and tp is None and all(w is not None for w in dense) and len({w.dtype for w in dense}) == 1:
+            biases = [ckpt.dense.get(m + ".bias") for m in modules]
+            bias = None
+            if any(b is not None for b in biases):
+                zeros = [jnp.zeros((w.shape[0],), w.dtype) for w in dense]
+                bias = jnp.concatenate([z if b is None else b for z, b in zip(zeros, biases, strict=True)])
+            layers = [DenseLinear(jnp.concatenate(dense), bias)]
+            self.sizes = tuple(w.shape[0] for w in dense)
+        else:
+            layers = [linear_from_checkpoint(ckpt, m, backend, tp, prepare) for m in modules]
+            self.sizes = None
+        self.layers = nnx.List(layers)
+
+    def __call__(self, x: jax.Array) -> list[jax.Array]:
+        if self.sizes is None:
+            return [layer(x) for layer in self.layers]
+        y = self.layers[0](x)
+        cuts = [sum(self.sizes[: i + 1]) for i in range(len(self.sizes) - 1)]
+        return jnp.split(y, cuts, axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,19 +224,17 @@ class KVCache:
 
 
 class Attention(nnx.Module):
-    def __init__(self, ckpt: Checkpoint, prefix: str, cfg: LlamaConfig, backend: str | None, tp: TPConfig | None):
+    def __init__(self, ckpt: Checkpoint, prefix: str, cfg: LlamaConfig, backend: str | None, tp: TPConfig | None, **kw):
         self.cfg = cfg
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
-            linear_from_checkpoint(ckpt, f"{prefix}.{n}", backend, tp) for n in ("q_proj", "k_proj", "v_proj", "o_proj")
-        )
+        self.qkv = Projections(ckpt, [f"{prefix}.{n}_proj" for n in "qkv"], backend, tp, **kw)
+        self.o_proj = linear_from_checkpoint(ckpt, f"{prefix}.o_proj", backend, tp, kw["prepare"])
 
     def __call__(self, x, cos, sin, cache: KVCache, layer: int, pos):
         cfg = self.cfg
         b, t, _ = x.shape
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q = self.q_proj(x).reshape(b, t, h, d)
-        k = self.k_proj(x).reshape(b, t, kvh, d)
-        v = self.v_proj(x).reshape(b, t, kvh, d)
+        q, k, v = self.qkv(x)
+        q, k, v = q.reshape(b, t, h, d), k.reshape(b, t, kvh, d), v.reshape(b, t, kvh, d)
         c, s = cos[:, :, None, :], sin[:, :, None, :]
         q = q * c + _rotate_half(q) * s
         k = k * c + _rotate_half(k) * s
@@ -211,26 +262,26 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, ckpt: Checkpoint, prefix: str, backend: str | None, tp: TPConfig | None):
-        self.gate_proj, self.up_proj, self.down_proj = (
-            linear_from_checkpoint(ckpt, f"{prefix}.{n}", backend, tp) for n in ("gate_proj", "up_proj", "down_proj")
-        )
+    def __init__(self, ckpt: Checkpoint, prefix: str, backend: str | None, tp: TPConfig | None, **kw):
+        self.gate_up = Projections(ckpt, [f"{prefix}.gate_proj", f"{prefix}.up_proj"], backend, tp, **kw)
+        self.down_proj = linear_from_checkpoint(ckpt, f"{prefix}.down_proj", backend, tp, kw["prepare"])
 
     def __call__(self, x):
         # torch's SiLU: x / (1 + exp(-x)) in float32, rounded to the activation dtype, then the
         # product with up_proj in that dtype (jax.nn.silu in bf16 rounds differently).
-        g = self.gate_proj(x).astype(jnp.float32)
+        g, up = self.gate_up(x)
+        g = g.astype(jnp.float32)
         act = (g / (1.0 + jnp.exp(-g))).astype(x.dtype)
-        return self.down_proj(act * self.up_proj(x))
+        return self.down_proj(act * up)
 
 
 class Block(nnx.Module):
-    def __init__(self, ckpt: Checkpoint, i: int, cfg: LlamaConfig, backend: str | None, tp: TPConfig | None):
+    def __init__(self, ckpt: Checkpoint, i: int, cfg: LlamaConfig, backend: str | None, tp: TPConfig | None, **kw):
         p = f"model.layers.{i}"
         self.input_layernorm = RMSNorm(ckpt.dense[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(ckpt.dense[f"{p}.post_attention_layernorm.weight"], cfg.rms_norm_eps)
-        self.self_attn = Attention(ckpt, f"{p}.self_attn", cfg, backend, tp)
-        self.mlp = MLP(ckpt, f"{p}.mlp", backend, tp)
+        self.self_attn = Attention(ckpt, f"{p}.self_attn", cfg, backend, tp, **kw)
+        self.mlp = MLP(ckpt, f"{p}.mlp", backend, tp, **kw)
 
     def __call__(self, x, cos, sin, cache: KVCache, layer: int, pos):
         a, cache = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, pos)
@@ -245,6 +296,9 @@ class Llama(nnx.Module):
     writes their keys/values into ``cache`` and returns ``(logits [B, T, V] float32, cache)``.
     ``tp``: tensor parallelism (:class:`TPConfig`); load the checkpoint with
     ``place=jaxfp4.sharding.checkpoint_placement(mesh, axis)`` so that weights arrive on their shards.
+    ``fuse``: run q/k/v and gate/up as one layer each where that is exact (not under ``tp``).
+    ``prepare``: give quantized weights their GPU kernel layout (:func:`jaxfp4.prepare_weights`);
+    ``None``: when the default backend is a GPU, ``backend`` is not ``"xla"`` and there is no ``tp``.
     """
 
     def __init__(
@@ -254,11 +308,16 @@ class Llama(nnx.Module):
         dtype: jnp.dtype = jnp.bfloat16,
         backend: str | None = None,
         tp: TPConfig | None = None,
+        fuse: bool = True,
+        prepare: bool | None = None,
     ):
         cfg = LlamaConfig.from_hf(ckpt.config)
         self.cfg, self.dtype = cfg, jnp.dtype(dtype)
+        if prepare is None:
+            prepare = jax.default_backend() == "gpu" and backend != "xla" and tp is None
+        kw = dict(fuse=fuse, prepare=prepare)
         self.embed_tokens = nnx.Param(ckpt.dense["model.embed_tokens.weight"])
-        self.layers = nnx.List([Block(ckpt, i, cfg, backend, tp) for i in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([Block(ckpt, i, cfg, backend, tp, **kw) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(ckpt.dense["model.norm.weight"], cfg.rms_norm_eps)
         if cfg.tie_word_embeddings and "lm_head.weight" not in ckpt.dense and "lm_head" not in ckpt.quantized:
             self.lm_head = DenseLinear(ckpt.dense["model.embed_tokens.weight"])

@@ -46,7 +46,7 @@ class Fp4Linear(nnx.Module):
       tp: optional :class:`jaxfp4.sharding.TensorParallel`: the params are placed on its mesh
         (column: split along N, row: along K) and each call runs per shard under ``shard_map``.
       kernel_layout: optional :class:`jaxfp4.ops.KernelLayout` of ``weight`` (from
-        :func:`jaxfp4.prepare_weights`) for the GPU decode kernel; dropped under ``tp``.
+        :func:`jaxfp4.prepare_weights`) for the GPU kernel; dropped under ``tp``.
 
     >>> import jax, jax.numpy as jnp, jaxfp4
     >>> dense = nnx.Linear(64, 32, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)

@@ -20,6 +20,7 @@ the producer wrote it and every other code path reads only that.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,7 @@ from jaxfp4.formats import (
     NVFP4W4A16,
     QuantizedTensor,
     Recipe,
+    concat_partitions,
 )
 
 _RECIPES = (NVFP4W4A4, NVFP4W4A16, MXFP4W4A8, MXFP4W4A16)
@@ -38,9 +40,9 @@ _RECIPES = (NVFP4W4A4, NVFP4W4A16, MXFP4W4A8, MXFP4W4A16)
 
 @dataclasses.dataclass(frozen=True)
 class KernelLayout:
-    """A weight re-laid out for the Mosaic GPU decode kernel (:mod:`jaxfp4.kernels.w4a16_mgpu`).
+    """A weight re-laid out for the Mosaic GPU kernel (:mod:`jaxfp4.kernels.w4a16_mgpu`).
 
-    ``codes``: uint8 ``(Np, Kp/2)``, nibbles permuted inside each 4-byte word
+    ``codes``: uint8 ``(Np, Kp/2)``, bytes and nibbles reordered inside each 16-byte chunk
     (:func:`~jaxfp4.kernels.w4a16_mgpu.prepare_codes`); ``scales``: uint8 ``(Kp/B, Np)``, the
     block-scale bytes transposed. ``N`` is padded to a multiple of 64 and ``K`` to a multiple
     of 128 with zero codes (which contribute nothing); ``n``, ``k`` are the unpadded sizes."""
@@ -117,3 +119,40 @@ def make_params(
     """Build and validate :class:`Fp4LinearParams` (``input_scale`` per the module docstring)."""
     s = None if input_scale is None else jnp.asarray(input_scale, jnp.float32).reshape(())
     return Fp4LinearParams(weight=weight, input_scale=s, bias=bias, recipe=recipe).validate()
+
+
+def fusion_blocker(parts: Sequence[Fp4LinearParams]) -> str | None:
+    """Why layers reading the same input cannot be fused into one exact layer (``None``: they can).
+
+    Fusing along N is exact when the recipe, K, weight encoding and activation scale agree: each
+    part keeps its own global scale per output row, and the activations are quantized once with
+    the shared scale. Activation scales are compared by value (concrete arrays: at load time)."""
+    first = parts[0]
+    for p in parts[1:]:
+        if p.recipe != first.recipe:
+            return f"recipes differ ({first.recipe.name}, {p.recipe.name})"
+        w, v = first.weight, p.weight
+        if (w.format, w.k, w.global_kind, w.negative_zero) != (v.format, v.k, v.global_kind, v.negative_zero):
+            return "weight formats, K or global-scale conventions differ"
+        if first.input_scale is not None and not bool(jnp.all(first.input_scale == p.input_scale)):
+            return "activation scales differ (quantizing the shared input once would change the numbers)"
+    return None
+
+
+def concat_params(parts: Sequence[Fp4LinearParams]) -> Fp4LinearParams:
+    """One layer computing ``concat([x @ W_i.T + b_i for i], -1)`` exactly: weights stacked along N
+    (q/k/v, gate/up), each part's global scale kept per output row; a missing bias is zeros where
+    another part has one. The result has no kernel layout (run ``prepare_weights`` on it).
+    Raises ``ValueError`` saying why when :func:`fusion_blocker` finds a reason."""
+    if why := fusion_blocker(parts):
+        raise ValueError(f"cannot fuse these layers: {why}")
+    bias = None
+    if any(p.bias is not None for p in parts):
+        dt = next(p.bias.dtype for p in parts if p.bias is not None)
+        bias = jnp.concatenate([jnp.zeros((p.weight.n,), dt) if p.bias is None else p.bias.astype(dt) for p in parts])
+    return Fp4LinearParams(
+        weight=concat_partitions([p.weight for p in parts]),
+        input_scale=parts[0].input_scale,
+        bias=bias,
+        recipe=parts[0].recipe,
+    ).validate("fused layer")

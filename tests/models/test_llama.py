@@ -119,3 +119,20 @@ def test_every_linear_equals_transformers_on_its_captured_input(name):
     for mod_name, (x, y) in captured.items():
         got = jaxfp4.fp4_linear(jnp.asarray(to_np(x)), ck.quantized[mod_name], backend="xla")
         np.testing.assert_array_equal(bits(np.asarray(got)), bits(to_np(y)), err_msg=mod_name)
+
+
+@pytest.mark.parametrize("name", ["ct-nvfp4", "ct-mxfp4a16"])
+def test_fused_projections_match_separate_layers(name):
+    """q/k/v and gate/up fused (the default) vs run one by one: each output column is the same
+    dot product (tests/ops/test_concat_params.py), so logits agree within the same 2-ulp bound
+    as against transformers, and greedy tokens are equal."""
+    ck = jaxfp4.load_checkpoint(os.path.join(FIXTURES, name), activation_mode=jaxfp4.ActivationQuant.COMPRESSED_TENSORS)
+    fused, separate = Llama(ck), Llama(ck, fuse=False)
+    assert fused.layers[0].self_attn.qkv.sizes is not None and fused.layers[0].mlp.gate_up.sizes is not None
+    assert separate.layers[0].self_attn.qkv.sizes is None
+    prompt = jnp.asarray(_prompt(5).numpy())
+    t1, l1 = generate(fused, prompt, max_new_tokens=NEW)
+    t2, l2 = generate(separate, prompt, max_new_tokens=NEW)
+    l1, l2 = np.asarray(l1), np.asarray(l2)
+    assert np.max(np.abs(l1 - l2)) <= 2.0**-7 * np.abs(l2).max()
+    np.testing.assert_array_equal(np.asarray(t1), np.asarray(t2))
