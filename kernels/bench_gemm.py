@@ -8,12 +8,15 @@ measured the same way in the same run.
 
 Schemes: ``nvfp4_w4a16``, ``mxfp4_w4a16``, ``nvfp4_w4a4`` (the NVFP4 activation quantization runs
 just before the W4A16 kernel and is timed with it), ``mxfp4_w4a8`` (FP8 activation quantization,
-then the FP8 kernel or the W4A16 kernel on the FP8 values, whichever the sweep picks). The
-"xla" backend is jnp quantize-dequantize then a dot. ``BENCH_SCHEMES`` picks a subset;
-``BENCH_SWEEP`` names the schemes whose candidate configs are swept (others run the tuned or
-heuristic config that the library would pick); ``BENCH_BUDGET_S`` caps the sweeping time;
-``BENCH_MS`` picks the row counts (default ``1,16,128,4096``). Weights go through
-``prepare_weights`` (as a model loader would), so M <= 64 runs the Mosaic GPU decode kernel.
+then the W4A16 kernel on the exact FP8 values; the Triton FP8 kernel is among the swept Triton
+configs). The "xla" backend is jnp quantize-dequantize then a dot.
+
+Weights go through ``prepare_weights`` (as a model loader would), so "pallas" runs the Mosaic GPU
+kernel; the Triton kernel on the same weights without the layout is recorded as
+``pallas_triton`` (``BENCH_COMPARE_TRITON=0`` skips it). ``BENCH_SCHEMES`` picks a subset of
+schemes; ``BENCH_SWEEP`` names the schemes whose Triton configs are swept (others run the tuned or
+heuristic config); ``BENCH_BUDGET_S`` caps the sweeping time; ``BENCH_MS`` picks the row counts
+(default ``1,16,128,4096``), ``BENCH_SHAPES`` the K x N shapes.
 
 Writes ``$OUT/gemm-<device>.json`` ({"device", "records": [{scheme, M, K, N, backend, us}]}),
 ``$OUT/configs-<device>.json`` (best config per shape, for jaxfp4/kernels/configs/) and a PNG.
@@ -38,7 +41,9 @@ from jaxfp4.kernels.w4a16_triton import BlockConfig
 from jaxfp4.ops import pallas as pallas_backend
 
 COPIES = 16
-SHAPES = [(4096, 14336), (14336, 4096), (8192, 8192)]  # (K, N)
+SHAPES = [  # (K, N); BENCH_SHAPES="4096x14336,..." picks a subset
+    tuple(int(d) for d in v.split("x")) for v in os.environ.get("BENCH_SHAPES", "4096x14336,14336x4096,8192x8192").split(",")
+]
 MS = [int(v) for v in os.environ.get("BENCH_MS", "1,16,128,4096").split(",")]
 BUDGET_S = float(os.environ.get("BENCH_BUDGET_S", "400"))
 # scheme -> (weight format, recipe, static activation scale: W4A4 divisor / W4A8 multiplier)
@@ -50,6 +55,7 @@ SCHEMES = {
 }
 RUN = [v for v in os.environ.get("BENCH_SCHEMES", ",".join(SCHEMES)).split(",") if v]
 SWEEP = [v for v in os.environ.get("BENCH_SWEEP", "nvfp4_w4a16,mxfp4_w4a16").split(",") if v]
+COMPARE_TRITON = os.environ.get("BENCH_COMPARE_TRITON", "1") == "1"
 
 
 def random_weight(key, n: int, k: int, fmt: FP4Format) -> QuantizedTensor:
@@ -165,35 +171,43 @@ def main() -> None:
                 records.append({**rec, "backend": "xla", "us": xla})
                 fmt = ps[0].weight.format
                 acts = "fp8" if scheme == "mxfp4_w4a8" else "bf16"
-                sweep = scheme in SWEEP and time.time() - t_start < BUDGET_S
-                cands = candidates(m, n, k, fmt, scheme) if sweep else [None]
-                best = None
-                for cfg in cands:
-                    override = (
-                        contextlib.nullcontext()
-                        if cfg is None
-                        else pallas_backend.tuned_override([pallas_backend.tuned_entry(m, n, k, fmt, cfg, acts)])
-                    )
-                    try:
-                        with override:
-                            us = time_op(lambda x, p: jaxfp4.fp4_linear(x, p, backend="pallas"), x, ps)
-                    except Exception as e:  # a config that fails to compile is skipped, and said so
-                        print("  config failed", cfg, type(e).__name__, str(e)[:200], flush=True)
-                        continue
-                    used = cfg or pallas_backend.choose_config(m, n, k, fmt, acts)
-                    print(f"  {scheme} M={m} K={k} N={n} {used} -> {us:.1f} us", flush=True)
-                    if best is None or us < best[0]:
-                        best = (us, used)
-                used = dataclasses.asdict(best[1])
+                pal = time_op(lambda x, p: jaxfp4.fp4_linear(x, p, backend="pallas"), x, ps)
                 if pallas_backend.uses_mgpu(ps[0], m):  # what actually ran
                     used = {"kernel": "mgpu", **dataclasses.asdict(pallas_backend.choose_mgpu_config(m, n, k))}
-                records.append({**rec, "backend": "pallas", "us": best[0], "config": used})
-                if sweep:
-                    entry = pallas_backend.tuned_entry(m, n, k, fmt, best[1], acts)
-                    tuned.setdefault((entry["m_bucket"], n, k, fmt.value, acts), entry)
+                else:
+                    used = dataclasses.asdict(pallas_backend.choose_config(m, n, k, fmt, acts))
+                records.append({**rec, "backend": "pallas", "us": pal, "config": used})
+                # The Triton kernel on the same weights without the layout; its configs swept for SWEEP.
+                sweep = scheme in SWEEP and time.time() - t_start < BUDGET_S
+                if COMPARE_TRITON or sweep:
+                    plain = [dataclasses.replace(p, kernel_layout=None) for p in ps]
+                    best = None
+                    for cfg in candidates(m, n, k, fmt, scheme) if sweep else [None]:
+                        override = (
+                            contextlib.nullcontext()
+                            if cfg is None
+                            else pallas_backend.tuned_override([pallas_backend.tuned_entry(m, n, k, fmt, cfg, acts)])
+                        )
+                        try:
+                            with override:
+                                us = time_op(lambda x, p: jaxfp4.fp4_linear(x, p, backend="pallas"), x, plain)
+                        except Exception as e:  # a config that fails to compile is skipped, and said so
+                            print("  config failed", cfg, type(e).__name__, str(e)[:200], flush=True)
+                            continue
+                        tried = cfg or pallas_backend.choose_config(m, n, k, fmt, acts)
+                        print(f"  {scheme} M={m} K={k} N={n} triton {tried} -> {us:.1f} us", flush=True)
+                        if best is None or us < best[0]:
+                            best = (us, tried)
+                    if best is not None:
+                        records.append(
+                            {**rec, "backend": "pallas_triton", "us": best[0], "config": dataclasses.asdict(best[1])}
+                        )
+                        if sweep:
+                            entry = pallas_backend.tuned_entry(m, n, k, fmt, best[1], acts)
+                            tuned.setdefault((entry["m_bucket"], n, k, fmt.value, acts), entry)
                 print(
-                    f"{scheme:12s} M={m:5d} K={k:5d} N={n:5d} bf16 {bf16:8.1f} xla {xla:8.1f} pallas {best[0]:8.1f}"
-                    f"  speedup {bf16 / best[0]:.2f}x",
+                    f"{scheme:12s} M={m:5d} K={k:5d} N={n:5d} bf16 {bf16:8.1f} xla {xla:8.1f} pallas {pal:8.1f}"
+                    f"  speedup {bf16 / pal:.2f}x",
                     flush=True,
                 )
         del wb, weights, params

@@ -7,6 +7,9 @@ device), which changes no timing. Measured in the same run, on the same device:
   prompt, timed as a whole (per-token GPU work; no Python dispatch per token);
 * prefill tokens/s at 2048 tokens, batch 1.
 
+Both models are built as a user gets them by default: q/k/v and gate/up fused into one layer each
+(``--no-fuse`` keeps them apart), FP4 weights in the GPU kernel layout (``prepare_weights``).
+
     python kernels/bench_llama.py --out kernels/results            # on the GPU machine
     python kernels/bench_llama.py --layers 2 --vocab 1024 --out /tmp # a quick smoke run (CPU too)
 
@@ -91,7 +94,7 @@ def random_checkpoint(cfg: dict, fp4: bool, seed: int = 0) -> Checkpoint:
             w = QuantizedTensor(
                 codes, scales, jnp.full((1,), 2688.0, jnp.float32), FP4Format.NVFP4, (n, k), (n,), GlobalScale.DIVISOR
             )
-            quantized[f"{p}.{name}"] = jaxfp4.prepare_weights(jaxfp4.make_params(w, jaxfp4.NVFP4W4A16()))
+            quantized[f"{p}.{name}"] = jaxfp4.make_params(w, jaxfp4.NVFP4W4A16())
     return Checkpoint(
         "random", cfg, "random", "random NVFP4 W4A16" if fp4 else "random bf16", quantized, dense, LoadReport()
     )
@@ -154,6 +157,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64, help="decode steps per timed call")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--backend", default=None)
+    ap.add_argument("--no-fuse", action="store_true", help="run q/k/v and gate/up as separate layers")
     ap.add_argument("--out", default="kernels/results")
     args = ap.parse_args()
     cfg = llama3_8b(args.layers, args.vocab)
@@ -161,7 +165,7 @@ def main() -> None:
     records = []
     for fp4 in (False, True):
         ckpt = random_checkpoint(cfg, fp4)
-        model = Llama(ckpt, dtype=jnp.bfloat16, backend=args.backend)
+        model = Llama(ckpt, dtype=jnp.bfloat16, backend=args.backend, fuse=not args.no_fuse)
         records += bench_model(model, "nvfp4_w4a16" if fp4 else "bf16", args)
         del model, ckpt
     os.makedirs(args.out, exist_ok=True)
