@@ -110,6 +110,24 @@ def timed(fn, *args, reps: int) -> float:
     return statistics.median(ts)
 
 
+def greedy_decode(graphdef, steps: int):
+    """A jitted ``(state, cache, tok [B], pos) -> last tok``: ``steps`` greedy decode steps in one
+    ``lax.scan`` (per-token GPU work, no Python dispatch per token)."""
+
+    @jax.jit
+    def decode(state, cache, tok, pos):
+        m = nnx.merge(graphdef, state)
+
+        def step(carry, _):
+            tok, cache, pos = carry
+            logits, cache = m(tok[:, None], pos, cache)
+            return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache, pos + 1), None
+
+        return jax.lax.scan(step, (tok, cache, pos), None, length=steps)[0][0]
+
+    return decode
+
+
 def bench_model(model: Llama, name: str, args) -> list[dict]:
     graphdef, state = nnx.split(model)
     cfg = model.cfg
@@ -121,17 +139,7 @@ def bench_model(model: Llama, name: str, args) -> list[dict]:
         logits, _ = m(tokens, jnp.int32(0), cache)
         return logits[:, -1]
 
-    @jax.jit
-    def decode(state, cache, tok, pos):
-        m = nnx.merge(graphdef, state)
-
-        def step(carry, _):
-            tok, cache, pos = carry
-            logits, cache = m(tok[:, None], pos, cache)
-            return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache, pos + 1), None
-
-        (tok, cache, pos), _ = jax.lax.scan(step, (tok, cache, pos), None, length=args.steps)
-        return tok
+    decode = greedy_decode(graphdef, args.steps)
 
     out = []
     ptoks = jnp.ones((1, args.prefill), jnp.int32)

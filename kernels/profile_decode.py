@@ -23,7 +23,7 @@ from flax import nnx
 from jax.experimental.mosaic.gpu import profiler
 
 from jaxfp4.models.llama import KVCache, Llama
-from kernels.bench_llama import llama3_8b, random_checkpoint
+from kernels.bench_llama import greedy_decode, llama3_8b, random_checkpoint
 
 
 def kind(name: str) -> str:
@@ -40,16 +40,7 @@ def profile(model: Llama, batch: int, context: int, steps: int) -> dict:
         logits, cache = nnx.merge(graphdef, state)(tok[:, None], pos, cache)
         return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
 
-    @jax.jit
-    def many(state, cache, tok, pos):
-        m = nnx.merge(graphdef, state)
-
-        def step(carry, _):
-            tok, cache, pos = carry
-            logits, cache = m(tok[:, None], pos, cache)
-            return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache, pos + 1), None
-
-        return jax.lax.scan(step, (tok, cache, pos), None, length=steps)[0][0]
+    many = greedy_decode(graphdef, steps)
 
     cache = KVCache.init(cfg, batch, context + steps, model.dtype)
     tok, pos = jnp.ones((batch,), jnp.int32), jnp.int32(context)

@@ -145,34 +145,26 @@ def test_mgpu_kernel_lowers_for_cuda_on_cpu_install(mx):
         assert "mosaic_gpu" in lowered.as_text() and lowered.out_info.shape == out
 
 
-def test_mgpu_kernel_rejects_bad_shapes():
-    with pytest.raises(ValueError, match="bad shapes"):  # M >= 8 must be a multiple of 8
-        K.fp4_matmul_partials_mgpu(
-            jnp.zeros((12, 256), jnp.bfloat16),
-            jnp.zeros((64, 128), jnp.uint8),
-            jnp.zeros((16, 64), jnp.uint8),
-            cfg=K.MgpuConfig(256, 1, 2),
-            mx=False,
-        )
-    with pytest.raises(ValueError, match="bad shapes"):  # K not a multiple of bk * split_k
-        K.fp4_matmul_partials_mgpu(
-            jnp.zeros((5, 256), jnp.bfloat16),
-            jnp.zeros((64, 128), jnp.uint8),
-            jnp.zeros((16, 64), jnp.uint8),
-            cfg=K.MgpuConfig(256, 2, 2),
-            mx=False,
-        )
-    with pytest.raises(ValueError, match="split_k == 1"):
-        z = jnp.zeros((64,), jnp.float32)
-        K.fp4_matmul_fused_mgpu(
-            jnp.zeros((5, 512), jnp.bfloat16),
-            jnp.zeros((64, 256), jnp.uint8),
-            jnp.zeros((32, 64), jnp.uint8),
-            z,
-            z,
-            cfg=K.MgpuConfig(256, 2, 2),
-            mx=False,
-        )
+@pytest.mark.parametrize(
+    ("m", "k", "cfg", "fused", "match"),
+    [
+        (12, 256, K.MgpuConfig(256, 1, 2), False, "bad shapes"),  # M >= 8 must be a multiple of 8
+        (5, 256, K.MgpuConfig(256, 2, 2), False, "bad shapes"),  # K not a multiple of bk * split_k
+        (5, 512, K.MgpuConfig(256, 2, 2), True, "split_k == 1"),  # the fused epilogue needs one split
+    ],
+)
+def test_mgpu_kernel_rejects_bad_shapes(m, k, cfg, fused, match):
+    x, codes, scales = (
+        jnp.zeros((m, k), jnp.bfloat16),
+        jnp.zeros((64, k // 2), jnp.uint8),
+        jnp.zeros((k // 16, 64), jnp.uint8),
+    )
+    z = jnp.zeros((64,), jnp.float32)
+    with pytest.raises(ValueError, match=match):
+        if fused:
+            K.fp4_matmul_fused_mgpu(x, codes, scales, z, z, cfg=cfg, mx=False)
+        else:
+            K.fp4_matmul_partials_mgpu(x, codes, scales, cfg=cfg, mx=False)
 
 
 @requires_gpu
