@@ -9,7 +9,8 @@ transformers' ``LlamaForCausalLM`` (eager attention): RMSNorm in float32, rotary
 Serving layout (both exact, on by default): projections that read the same input and fuse
 exactly (:func:`jaxfp4.ops.fusion_blocker`) run as one layer (q/k/v, gate/up: fewer, larger
 GEMMs); on a GPU every quantized weight also gets its kernel layout (:func:`jaxfp4.prepare_weights`,
-which keeps a second copy of the codes on the device).
+which keeps a second copy of the codes on the device). Both build new arrays: drop the
+:class:`~jaxfp4.checkpoint.Checkpoint` after building the model to free the loaded ones.
 
 Decoding runs with a static-shape KV cache (``[layers, batch, max_len, kv_heads, head_dim]``), one
 jit-compiled prefill + ``lax.scan`` decode loop: no recompilation per token.
@@ -224,10 +225,20 @@ class KVCache:
 
 
 class Attention(nnx.Module):
-    def __init__(self, ckpt: Checkpoint, prefix: str, cfg: LlamaConfig, backend: str | None, tp: TPConfig | None, **kw):
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        prefix: str,
+        cfg: LlamaConfig,
+        backend: str | None,
+        tp: TPConfig | None,
+        *,
+        fuse: bool,
+        prepare: bool,
+    ):
         self.cfg = cfg
-        self.qkv = Projections(ckpt, [f"{prefix}.{n}_proj" for n in "qkv"], backend, tp, **kw)
-        self.o_proj = linear_from_checkpoint(ckpt, f"{prefix}.o_proj", backend, tp, kw["prepare"])
+        self.qkv = Projections(ckpt, [f"{prefix}.{n}_proj" for n in "qkv"], backend, tp, fuse=fuse, prepare=prepare)
+        self.o_proj = linear_from_checkpoint(ckpt, f"{prefix}.o_proj", backend, tp, prepare)
 
     def __call__(self, x, cos, sin, cache: KVCache, layer: int, pos):
         cfg = self.cfg
@@ -262,9 +273,12 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, ckpt: Checkpoint, prefix: str, backend: str | None, tp: TPConfig | None, **kw):
-        self.gate_up = Projections(ckpt, [f"{prefix}.gate_proj", f"{prefix}.up_proj"], backend, tp, **kw)
-        self.down_proj = linear_from_checkpoint(ckpt, f"{prefix}.down_proj", backend, tp, kw["prepare"])
+    def __init__(
+        self, ckpt: Checkpoint, prefix: str, backend: str | None, tp: TPConfig | None, *, fuse: bool, prepare: bool
+    ):
+        modules = [f"{prefix}.gate_proj", f"{prefix}.up_proj"]
+        self.gate_up = Projections(ckpt, modules, backend, tp, fuse=fuse, prepare=prepare)
+        self.down_proj = linear_from_checkpoint(ckpt, f"{prefix}.down_proj", backend, tp, prepare)
 
     def __call__(self, x):
         # torch's SiLU: x / (1 + exp(-x)) in float32, rounded to the activation dtype, then the
@@ -276,7 +290,18 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, ckpt: Checkpoint, i: int, cfg: LlamaConfig, backend: str | None, tp: TPConfig | None, **kw):
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        i: int,
+        cfg: LlamaConfig,
+        backend: str | None,
+        tp: TPConfig | None,
+        *,
+        fuse: bool,
+        prepare: bool,
+    ):
+        kw = dict(fuse=fuse, prepare=prepare)
         p = f"model.layers.{i}"
         self.input_layernorm = RMSNorm(ckpt.dense[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(ckpt.dense[f"{p}.post_attention_layernorm.weight"], cfg.rms_norm_eps)
