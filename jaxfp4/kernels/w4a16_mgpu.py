@@ -81,6 +81,12 @@ def token_tile(m: int) -> int:
     return min(MAX_TOKENS, max(8, -(-m // 8) * 8))
 
 
+def input_rows(m: int) -> int:
+    """Rows X must have for ``m`` tokens: ``m`` below 8, else ``m`` rounded up to a multiple of 8
+    (Mosaic GPU's tiling); the TMA copies read the rows from there to :func:`padded_tokens` as zeros."""
+    return m if m < 8 else -(-m // 8) * 8
+
+
 def padded_tokens(m: int) -> int:
     """Rows of X the kernel computes for ``m`` tokens: a multiple of :func:`token_tile`."""
     mt = token_tile(m)
@@ -244,7 +250,7 @@ def _swizzled(dtype, minor_bytes: int) -> tuple:
 def _check(x: jax.Array, codes: jax.Array, cfg: MgpuConfig) -> None:
     m, k = x.shape
     np_ = codes.shape[0]
-    if cfg.bk % SUB_K or k % (cfg.bk * cfg.split_k) or np_ % ROWS or codes.shape[1] * 2 != k or (m >= 8 and m % 8):
+    if cfg.bk % SUB_K or k % (cfg.bk * cfg.split_k) or np_ % ROWS or codes.shape[1] * 2 != k or input_rows(m) != m:
         raise ValueError(f"bad shapes for the Mosaic GPU kernel: x {x.shape}, codes {codes.shape}, {cfg}")
 
 
@@ -339,7 +345,7 @@ def fp4_matmul_partials_mgpu(x: jax.Array, codes: jax.Array, scales_t: jax.Array
     """Split-K partials ``[split_k, Np, Mp]`` float32 of ``(Q * S) @ X.T * 2**-c`` (the caller sums
     them, transposes and multiplies ``2**c`` back); ``Mp = padded_tokens(M)``.
 
-    ``x`` bf16 ``(M, K)`` (natural K order; ``M < 8`` or ``M % 8 == 0``: rows up to
+    ``x`` bf16 ``(M, K)`` (natural K order; ``M == input_rows(M)``: rows up to
     :func:`padded_tokens` are read as zeros by the TMA copies); ``codes`` uint8
     ``(Np, K/2)`` from :func:`prepare_codes`, ``Np % 64 == 0``; ``scales_t`` uint8 ``(K/B, Np)``
     from :func:`prepare_scales`; ``K % (bk * split_k) == 0``."""

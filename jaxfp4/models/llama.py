@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 
 from jaxfp4.checkpoint import Checkpoint
 from jaxfp4.nn import Fp4Linear
-from jaxfp4.ops import concat_params, fusion_blocker, prepare_weights
+from jaxfp4.ops import concat_biases, concat_params, fusion_blocker, prepare_weights
 from jaxfp4.sharding import LLAMA_PLAN, Parallel, TensorParallel, plan_mode
 
 
@@ -151,18 +151,15 @@ class Projections(nnx.Module):
     ):
         parts = [ckpt.quantized.get(m) for m in modules]
         dense = [ckpt.dense.get(m + ".weight") for m in modules]
-        if fuse and tp is None and all(p is not None for p in parts) and fusion_blocker(parts) is None:
+        fuse = fuse and tp is None
+        if fuse and all(p is not None for p in parts) and fusion_blocker(parts) is None:
             p = concat_params(parts)
             layers = [Fp4Linear.from_params(prepare_weights(p) if prepare else p, backend=backend)]
             self.sizes = tuple(q.out_features for q in parts)
-        elif fuse and tp is None and all(w is not None for w in dense) and len({w.dtype for w in dense}) == 1:
-            biases = [ckpt.dense.get(m + ".bias") for m in modules]
-            bias = None
-            if any(b is not None for b in biases):
-                zeros = [jnp.zeros((w.shape[0],), w.dtype) for w in dense]
-                bias = jnp.concatenate([z if b is None else b for z, b in zip(zeros, biases, strict=True)])
-            layers = [DenseLinear(jnp.concatenate(dense), bias)]
+        elif fuse and all(w is not None for w in dense) and len({w.dtype for w in dense}) == 1:
             self.sizes = tuple(w.shape[0] for w in dense)
+            bias = concat_biases([ckpt.dense.get(m + ".bias") for m in modules], self.sizes)
+            layers = [DenseLinear(jnp.concatenate(dense), bias)]
         else:
             layers = [linear_from_checkpoint(ckpt, m, backend, tp, prepare) for m in modules]
             self.sizes = None

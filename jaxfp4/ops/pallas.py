@@ -227,17 +227,16 @@ def mgpu_linear(
 
     m = x2.shape[0]
     np_, kp = layout.codes.shape[0], layout.codes.shape[1] * 2
-    mp = w4a16_mgpu.padded_tokens(m)
     cfg = cfg or choose_mgpu_config(m, np_, kp)
-    # Token rows are not padded to the tile: the kernel's TMA copies fill rows past M with zeros
-    # (Mosaic GPU only needs M < 8 or M % 8 == 0). K is padded to the layout's.
-    mx8 = m if m < 8 else -(-m // 8) * 8
-    xp = jnp.pad(x2, ((0, mx8 - m), (0, kp - x2.shape[1]))) if (mx8, kp) != x2.shape else x2
+    # Token rows are not padded to the tile (the kernel's TMA copies fill rows past M with zeros),
+    # only to what Mosaic GPU's tiling needs; K is padded to the layout's.
+    mi = w4a16_mgpu.input_rows(m)
+    xp = jnp.pad(x2, ((0, mi - m), (0, kp - x2.shape[1]))) if (mi, kp) != x2.shape else x2
     if cfg.split_k == 1:
         a = jnp.pad(alpha, (0, np_ - layout.n))
         b = jnp.zeros((np_,), jnp.float32) if bias is None else jnp.pad(bias.astype(jnp.float32), (0, np_ - layout.n))
         y = w4a16_mgpu.fp4_matmul_fused_mgpu(xp, layout.codes, layout.scales, a, b, cfg=cfg, mx=mx, out_dtype=out_dtype)
-        return y[:m, : layout.n] if (mp, np_) != (m, layout.n) else y
+        return y[:m, : layout.n]
     parts = w4a16_mgpu.fp4_matmul_partials_mgpu(xp, layout.codes, layout.scales, cfg=cfg, mx=mx)
     y = parts.sum(0).T[:m, : layout.n] * jnp.float32(2.0 ** w4a16_mgpu.epilogue_exponent(mx))  # exact
     return _epilogue(y, alpha, bias, out_dtype)

@@ -146,13 +146,18 @@ def concat_params(parts: Sequence[Fp4LinearParams]) -> Fp4LinearParams:
     Raises ``ValueError`` saying why when :func:`fusion_blocker` finds a reason."""
     if why := fusion_blocker(parts):
         raise ValueError(f"cannot fuse these layers: {why}")
-    bias = None
-    if any(p.bias is not None for p in parts):
-        dt = next(p.bias.dtype for p in parts if p.bias is not None)
-        bias = jnp.concatenate([jnp.zeros((p.weight.n,), dt) if p.bias is None else p.bias.astype(dt) for p in parts])
     return Fp4LinearParams(
         weight=concat_partitions([p.weight for p in parts]),
         input_scale=parts[0].input_scale,
-        bias=bias,
+        bias=concat_biases([p.bias for p in parts], [p.weight.n for p in parts]),
         recipe=parts[0].recipe,
     ).validate("fused layer")
+
+
+def concat_biases(biases: Sequence[jax.Array | None], sizes: Sequence[int]) -> jax.Array | None:
+    """The biases of layers fused along N, one vector: ``None`` if none has one, else each in the
+    first present bias's dtype, zeros (``sizes[i]`` of them) where a layer has none."""
+    dt = next((b.dtype for b in biases if b is not None), None)
+    if dt is None:
+        return None
+    return jnp.concatenate([jnp.zeros((n,), dt) if b is None else b.astype(dt) for b, n in zip(biases, sizes, strict=True)])
