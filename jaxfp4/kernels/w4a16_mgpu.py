@@ -1,8 +1,11 @@
 """FP4-weight x bf16-activation GEMM for Hopper, in Pallas lowered through Mosaic GPU (any M).
 
-Each CTA (one warpgroup) computes a 64-weight-row x up-to-256-token tile of the transposed
-product ``(Q * S) @ X.T`` (weight rows are the wgmma M side, tokens its N side), where ``Q`` are
-the E2M1 weight values and ``S`` the per-block scales, in float32. Two forms:
+A unit of work is a 64-weight-row x up-to-256-token tile of the transposed product
+``(Q * S) @ X.T`` (weight rows are the wgmma M side, tokens its N side) over one K split, where
+``Q`` are the E2M1 weight values and ``S`` the per-block scales, in float32. The grid is
+persistent: each CTA (one warpgroup) runs one TMA pipeline through its share of the units, so
+there is one pipeline fill per CTA, not one per tile, and all CTAs can be resident at once
+(``MgpuConfig.ctas``). Two forms:
 
 * :func:`fp4_matmul_fused_mgpu` (K not split): the epilogue runs in the kernel: times the row
   multipliers (global scale x ``2**c``), plus the bias, rounded to the output dtype and stored
@@ -66,13 +69,15 @@ _ROW_LAYOUT = plgpu.Layout.WGMMA.reduce(1)  # a [64] vector: each thread holds i
 
 @dataclasses.dataclass(frozen=True)
 class MgpuConfig:
-    """``bk`` K elements per pipeline step (a multiple of 128); ``split_k`` K partitions on the
-    grid; ``stages`` TMA pipeline depth. Weight rows per CTA are fixed at 64 (one warpgroup)."""
+    """``bk`` K elements per pipeline step (a multiple of 128); ``split_k`` K partitions;
+    ``stages`` TMA pipeline depth; ``ctas`` the persistent grid's size (see :func:`_build`).
+    Weight rows per unit of work are fixed at 64 (one warpgroup)."""
 
     bk: int = 512
     split_k: int = 1
     stages: int = 4
     dequant: str = "ptx"  # "none": a lab diagnostic that skips the expansion math (wrong values)
+    ctas: int = 0  # CTAs of the persistent grid (0: one per unit of work, see _build)
 
 
 def token_tile(m: int) -> int:
@@ -93,10 +98,14 @@ def padded_tokens(m: int) -> int:
     return -(-m // mt) * mt
 
 
-def smem_bytes(mt: int, bk: int, stages: int, out_bytes: int = 4) -> int:
-    """Shared memory of the pipeline (upper bound: NVFP4's scale rows), the output tile
-    (``out_bytes`` per element) and the epilogue rows."""
-    return stages * (mt * bk * 2 + ROWS * bk // 2 + (bk // 16) * ROWS) + ROWS * mt * out_bytes + 2 * ROWS * 4
+SMEM_LIMIT = 227 * 1024  # shared memory one Hopper CTA may use (bytes)
+
+
+def smem_bytes(mt: int, bk: int, stages: int, out_bytes: int = 4, block: int = 16) -> int:
+    """Shared memory of the pipeline (``block``: the scale block, 16 for NVFP4's scale rows, 32
+    for MXFP4; the fused form's epilogue rows counted in every stage) and of the output tile
+    (``out_bytes`` per element)."""
+    return stages * (mt * bk * 2 + ROWS * bk // 2 + (bk // block) * ROWS + 2 * ROWS * 4) + ROWS * mt * out_bytes
 
 
 def epilogue_exponent(mx: bool) -> int:
@@ -247,94 +256,116 @@ def _swizzled(dtype, minor_bytes: int) -> tuple:
     return (plgpu.TilingTransform((8, minor_bytes * 8 // bits)), plgpu.SwizzleTransform(minor_bytes))
 
 
-def _check(x: jax.Array, codes: jax.Array, cfg: MgpuConfig) -> None:
+def _check(x: jax.Array, codes: jax.Array, cfg: MgpuConfig, out_bytes: int, mx: bool) -> None:
     m, k = x.shape
     np_ = codes.shape[0]
     if cfg.bk % SUB_K or k % (cfg.bk * cfg.split_k) or np_ % ROWS or codes.shape[1] * 2 != k or input_rows(m) != m:
         raise ValueError(f"bad shapes for the Mosaic GPU kernel: x {x.shape}, codes {codes.shape}, {cfg}")
+    need = smem_bytes(token_tile(m), cfg.bk, cfg.stages, out_bytes, 32 if mx else 16)
+    if need > SMEM_LIMIT:
+        raise ValueError(
+            f"{cfg} needs {need / 1024:.0f} KiB of shared memory for {m} tokens (at most {SMEM_LIMIT // 1024} KiB): "
+            "fewer stages or a smaller bk"
+        )
+
+
+def work_units(m: int, np_: int, split_k: int) -> int:
+    """Output tiles times K splits: the units of work the grid's CTAs share."""
+    return (np_ // ROWS) * (padded_tokens(m) // token_tile(m)) * split_k
 
 
 def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype):
     """The kernel. ``epilogue`` (``(2, Np)`` float32: row multipliers, biases) or None (split-K
-    partials)."""
+    partials).
+
+    Persistent: ``G = cfg.ctas`` CTAs (0: one per unit) share the ``U`` units of work (a 64-row x
+    token tile x K split; unit ``u`` = ``(si * MT + mi) * NT + ni``, weight tiles fastest) round
+    robin, CTA ``c`` taking ``c, c + G, ...``; one TMA pipeline runs through all of a CTA's units
+    and K steps, so the next unit's loads overlap this unit's last steps and epilogue."""
     m, k = x.shape
     mp, mt = padded_tokens(m), token_tile(m)  # rows past m: the TMA copy fills them with zeros
     np_ = codes.shape[0]
     blk = 32 if mx else 16
     bk, split = cfg.bk, cfg.split_k
-    ks = k // split  # K per split
-    steps = ks // bk
+    steps = k // split // bk  # pipeline steps per unit
     nsub = bk // SUB_K
     sb_sub = SUB_K // blk  # scale rows per sub-tile
     fused = epilogue is not None
+    nt, mtiles = np_ // ROWS, mp // mt
+    units = work_units(m, np_, split)
+    ctas = min(units, cfg.ctas) if cfg.ctas > 0 else units
 
-    def kernel(x_gmem, w_gmem, s_gmem, *refs, o_smem, e_smem=None, e_bar=None):
+    def kernel(x_gmem, w_gmem, s_gmem, *refs, o_smem):
         e_gmem, o_gmem = refs if fused else (None, *refs)
-        ni = lax.axis_index("n")
-        mi = lax.axis_index("m")
-        si = lax.axis_index("s")
-        if fused:  # the tile's multipliers and biases arrive while the main loop runs
-            plgpu.copy_gmem_to_smem(e_gmem.at[:, pl.ds(ni * ROWS, ROWS)], e_smem, e_bar)
+        c = lax.axis_index("c")
+        count = (units - c + ctas - 1) // ctas  # this CTA's units (>= 1)
+
+        def unit(t):
+            u = c + t * ctas
+            return u % nt, (u // nt) % mtiles, u // (nt * mtiles)  # ni, mi, si
+
+        def kstep(t, j):
+            return unit(t)[2] * steps + j
 
         def with_acc(acc):
-            def body(_, x_smem, w_smem, s_smem):
-                for c in range(nsub):
-                    wt = plgpu.load(w_smem.at[:, pl.ds(c * SUB_K // 2, SUB_K // 2)], (), layout=plgpu.Layout.WGMMA_8BIT)
-                    srows = tuple(plgpu.load(s_smem.at[c * sb_sub + b], (), layout=_ROW_LAYOUT) for b in range(sb_sub))
+            def body(idx, x_smem, w_smem, s_smem, *e_smem):
+                t, j = idx
+                for sub in range(nsub):
+                    wt = plgpu.load(w_smem.at[:, pl.ds(sub * SUB_K // 2, SUB_K // 2)], (), layout=plgpu.Layout.WGMMA_8BIT)
+                    srows = tuple(plgpu.load(s_smem.at[sub * sb_sub + b], (), layout=_ROW_LAYOUT) for b in range(sb_sub))
                     a = expand_tile(wt, srows, mx=mx, math=cfg.dequant != "none")
-                    plgpu.wgmma(acc, a, x_smem.at[:, pl.ds(c * SUB_K, SUB_K)].T)
+                    plgpu.wgmma(acc, a, x_smem.at[:, pl.ds(sub * SUB_K, SUB_K)].T)
                 plgpu.wgmma_wait(0)
 
-            plgpu.emit_pipeline(
-                body,
-                grid=(steps,),
-                in_specs=[
-                    plgpu.BlockSpec((mt, bk), lambda i: (0, i), transforms=_swizzled(jnp.bfloat16, 128)),
-                    plgpu.BlockSpec((ROWS, bk // 2), lambda i: (0, i), transforms=_swizzled(jnp.uint8, 64)),
-                    plgpu.BlockSpec((bk // blk, ROWS), lambda i: (i, 0)),
-                ],
-                max_concurrent_steps=cfg.stages,
-            )(
-                x_gmem.at[pl.ds(mi * mt, mt), pl.ds(si * ks, ks)],
-                w_gmem.at[pl.ds(ni * ROWS, ROWS), pl.ds(si * (ks // 2), ks // 2)],
-                s_gmem.at[pl.ds(si * (ks // blk), ks // blk), pl.ds(ni * ROWS, ROWS)],
-            )
-            return acc[...]
+                @pl.when(j == steps - 1)
+                def _store():
+                    ni, mi, si = unit(t)
+                    res = acc[...]
+                    acc[...] = plgpu.layout_cast(jnp.zeros((ROWS, mt), jnp.float32), plgpu.Layout.WGMMA)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last unit's store has read o_smem
+                    if fused:
+                        (e,) = e_smem
+                        mult = lax.broadcast_in_dim(plgpu.load(e.at[0], (), layout=_ROW_LAYOUT), (ROWS, mt), (0,))
+                        add = lax.broadcast_in_dim(plgpu.load(e.at[1], (), layout=_ROW_LAYOUT), (ROWS, mt), (0,))
+                        y = (res * mult + add).astype(out_dtype)
+                        # Stored transposed ([tokens, rows]): the output is (M, N) like the xla path's.
+                        plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(y, plgpu.Layout.WGMMA_TRANSPOSED)
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(mi * mt, mt), pl.ds(ni * ROWS, ROWS)])
+                    else:
+                        o_smem[...] = res
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * ROWS, ROWS), pl.ds(mi * mt, mt)])
 
-        res = pl.run_scoped(with_acc, plgpu.ACC((ROWS, mt), jnp.float32))
-        if fused:
-            plgpu.barrier_wait(e_bar)
-            mult = lax.broadcast_in_dim(plgpu.load(e_smem.at[0], (), layout=_ROW_LAYOUT), (ROWS, mt), (0,))
-            add = lax.broadcast_in_dim(plgpu.load(e_smem.at[1], (), layout=_ROW_LAYOUT), (ROWS, mt), (0,))
-            y = (res * mult + add).astype(out_dtype)
-            # Stored transposed ([tokens, rows]): the output is (M, N) like the xla path's.
-            plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(y, plgpu.Layout.WGMMA_TRANSPOSED)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(mi * mt, mt), pl.ds(ni * ROWS, ROWS)])
-        else:
-            o_smem[...] = res
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * ROWS, ROWS), pl.ds(mi * mt, mt)])
+            x_swz, w_swz = _swizzled(jnp.bfloat16, 128), _swizzled(jnp.uint8, 64)
+            specs = [
+                plgpu.BlockSpec((mt, bk), lambda t, j: (unit(t)[1], kstep(t, j)), transforms=x_swz),
+                plgpu.BlockSpec((ROWS, bk // 2), lambda t, j: (unit(t)[0], kstep(t, j)), transforms=w_swz),
+                plgpu.BlockSpec((bk // blk, ROWS), lambda t, j: (kstep(t, j), unit(t)[0])),
+            ]
+            if fused:  # the unit's row multipliers and biases, read at its last step
+                specs.append(plgpu.BlockSpec((2, ROWS), lambda t, j: (0, unit(t)[0])))
+            plgpu.emit_pipeline(body, grid=(count, steps), in_specs=specs, max_concurrent_steps=cfg.stages)(
+                x_gmem, w_gmem, s_gmem, *((e_gmem,) if fused else ())
+            )
+
+        pl.run_scoped(with_acc, plgpu.ACC((ROWS, mt), jnp.float32))
         plgpu.wait_smem_to_gmem(0)
 
     if fused:
         out_type = jax.ShapeDtypeStruct((mp, np_), out_dtype)
-        scratch = dict(
-            o_smem=plgpu.SMEM((mt, ROWS), out_dtype, transforms=_swizzled(out_dtype, 128)),
-            e_smem=plgpu.SMEM((2, ROWS), jnp.float32),
-            e_bar=plgpu.Barrier(num_arrivals=1),
-        )
+        o_smem = plgpu.SMEM((mt, ROWS), out_dtype, transforms=_swizzled(out_dtype, 128))
         args = (x, codes, scales_t, epilogue)
     else:
         out_type = jax.ShapeDtypeStruct((split, np_, mp), jnp.float32)
-        scratch = dict(o_smem=plgpu.SMEM((ROWS, mt), jnp.float32))
+        o_smem = plgpu.SMEM((ROWS, mt), jnp.float32)
         args = (x, codes, scales_t)
     f = plgpu.kernel(
         kernel,
         out_type=out_type,
-        grid=(np_ // ROWS, mp // mt, split),
-        grid_names=("n", "m", "s"),
-        scratch_types=scratch,
+        grid=(ctas,),
+        grid_names=("c",),
+        scratch_types=dict(o_smem=o_smem),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
     )
     return f(*args)
@@ -349,7 +380,7 @@ def fp4_matmul_partials_mgpu(x: jax.Array, codes: jax.Array, scales_t: jax.Array
     :func:`padded_tokens` are read as zeros by the TMA copies); ``codes`` uint8
     ``(Np, K/2)`` from :func:`prepare_codes`, ``Np % 64 == 0``; ``scales_t`` uint8 ``(K/B, Np)``
     from :func:`prepare_scales`; ``K % (bk * split_k) == 0``."""
-    _check(x, codes, cfg)
+    _check(x, codes, cfg, 4, mx)
     return _build(x, codes, scales_t, None, cfg=cfg, mx=mx, out_dtype=jnp.float32)
 
 
@@ -371,7 +402,7 @@ def fp4_matmul_fused_mgpu(
     ``bias`` (the compiler may contract the two into one FMA, rounding once), rounded to
     ``out_dtype``. ``alpha``, ``bias``: float32 ``(Np,)``; other arguments as
     :func:`fp4_matmul_partials_mgpu`."""
-    _check(x, codes, cfg)
+    _check(x, codes, cfg, jnp.dtype(out_dtype).itemsize, mx)
     if cfg.split_k != 1:
         raise ValueError(f"the fused epilogue needs split_k == 1, got {cfg}")
     e = jnp.stack([alpha.astype(jnp.float32) * jnp.float32(2.0 ** epilogue_exponent(mx)), bias.astype(jnp.float32)])

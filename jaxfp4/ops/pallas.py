@@ -132,6 +132,8 @@ def choose_config(m: int, n: int, k: int, fmt: FP4Format, acts: str = "bf16"):
 
     bucket = m_bucket(m)
     for rec in _TUNED.get(_device_kind(), []):
+        if rec.get("kernel", "triton") != "triton":
+            continue
         if (rec["m_bucket"], rec["n"], rec["k"], rec["format"], rec.get("acts", "bf16")) == (bucket, n, k, fmt.value, acts):
             return BlockConfig(**rec["config"])
     if acts == "fp8":
@@ -184,26 +186,48 @@ def prepare_weights(params: Fp4LinearParams) -> Fp4LinearParams:
     return dataclasses.replace(params, kernel_layout=layout)
 
 
-def choose_mgpu_config(m: int, n: int, k: int):
-    """Mosaic GPU kernel config: split K until there are about two CTAs per H100 SM (while each
-    split keeps >= 1024 K), 512-K steps with 3 stages where each split has >= 2048 K, else 256-K
-    steps with 4 stages (the best decode patterns of kernels/results/mgpu-*.json); then fewer
-    stages / smaller steps until the pipeline fits in shared memory (~200 KiB)."""
-    from jaxfp4.kernels.w4a16_mgpu import ROWS, SUB_K, MgpuConfig, padded_tokens, smem_bytes, token_tile
+def sm_count() -> int:
+    """Streaming multiprocessors of the default device (132 on an H100 SXM; 132 off a GPU)."""
+    if not _on_gpu():
+        return 132
+    return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
-    mt = token_tile(m)
-    tiles, split = -(-n // ROWS) * (padded_tokens(m) // mt), 1
+
+def choose_mgpu_config(m: int, n: int, k: int, fmt: FP4Format = FP4Format.NVFP4, out_bytes: int = 2):
+    """Mosaic GPU kernel config for ``m`` tokens, a padded ``(n, k)`` weight and outputs of
+    ``out_bytes`` per element: this device
+    kind's tuned record (``kernel: "mgpu"``, written by ``kernels/tune_mgpu.py``) if any, else a
+    heuristic: split K until there are about two units of work per SM (while each split keeps
+    >= 1024 K), 512-K steps with 3 stages where each split has >= 2048 K, else 256-K steps with
+    4 stages, fewer stages / smaller steps until two CTAs fit in an SM's shared memory; one CTA
+    per unit of work up to 3 units per SM (at 4096 x 6144, M = 1, 384 one-unit CTAs took 10.2 us
+    where 192 CTAs of two units took 12.5: more resident warpgroups hide the expansion's
+    latency; ``kernels/results/tune-mgpu-*.json``), beyond that a persistent grid of as many
+    CTAs as fit at once (at most two per SM) sharing the units evenly."""
+    from jaxfp4.kernels import w4a16_mgpu as K
+
+    bucket = m_bucket(m)
+    for rec in _TUNED.get(_device_kind(), []):
+        if rec.get("kernel") == "mgpu" and (rec["m_bucket"], rec["n"], rec["k"], rec["format"]) == (bucket, n, k, fmt.value):
+            return K.MgpuConfig(**rec["config"])
+    mt = K.token_tile(m)
+    tiles, split = -(-n // K.ROWS) * (K.padded_tokens(m) // mt), 1
     while tiles * split < 256 and k % (256 * split * 2) == 0 and k // (split * 2) >= 1024:
         split *= 2
     ks = k // split
     bk, stages = (512, 3) if ks % 512 == 0 and ks >= 2048 else (256, 4) if ks % 256 == 0 else (128, 4)
-    out_bytes = 2 if split == 1 else 4  # the fused epilogue's bf16 tile, else float32 partials
-    while smem_bytes(mt, bk, stages, out_bytes) > 200 * 1024 and (stages > 2 or bk > SUB_K):
+    out_bytes = out_bytes if split == 1 else 4  # the fused epilogue's output tile, else float32 partials
+    while K.smem_bytes(mt, bk, stages, out_bytes) > K.SMEM_LIMIT // 2 and (stages > 2 or bk > K.SUB_K):
         if stages > 2:
             stages -= 1
         else:
             bk //= 2
-    return MgpuConfig(bk, split, stages)
+    units = K.work_units(m, -(-n // K.ROWS) * K.ROWS, split)
+    if units <= 3 * sm_count():  # one CTA per unit: the GPU packs as many per SM as fit
+        return K.MgpuConfig(bk, split, stages, ctas=units)
+    resident = max(1, min(2, K.SMEM_LIMIT // K.smem_bytes(mt, bk, stages, out_bytes)))  # CTAs per SM
+    per_cta = -(-units // (resident * sm_count()))
+    return K.MgpuConfig(bk, split, stages, ctas=-(-units // per_cta))
 
 
 def uses_mgpu(params: Fp4LinearParams, m: int) -> bool:
@@ -227,7 +251,8 @@ def mgpu_linear(
 
     m = x2.shape[0]
     np_, kp = layout.codes.shape[0], layout.codes.shape[1] * 2
-    cfg = cfg or choose_mgpu_config(m, np_, kp)
+    fmt = FP4Format.MXFP4 if mx else FP4Format.NVFP4
+    cfg = cfg or choose_mgpu_config(m, np_, kp, fmt, jnp.dtype(out_dtype).itemsize)
     # Token rows are not padded to the tile (the kernel's TMA copies fill rows past M with zeros),
     # only to what Mosaic GPU's tiling needs; K is padded to the layout's.
     mi = w4a16_mgpu.input_rows(m)

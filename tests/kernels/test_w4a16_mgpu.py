@@ -112,6 +112,33 @@ def test_prepare_weights_is_pure_and_pads():
     assert jaxfp4.prepare_weights(odd).kernel_layout.codes.shape == (64, 64)
 
 
+@pytest.mark.parametrize("fmt", [FP4Format.NVFP4, FP4Format.MXFP4])
+@pytest.mark.parametrize("m", [1, 5, 16, 40, 128, 300, 4096])
+@pytest.mark.parametrize(("n", "k"), [(64, 512), (6144, 4096), (28672, 4096), (4096, 14336), (1000, 160 + 96)])
+def test_heuristic_mgpu_config_is_valid(fmt, m, n, k):
+    """Untuned shapes: the config divides K, fits in shared memory, and its grid gives every
+    CTA at least one unit of work with no more CTAs than 3 per SM (one wave)."""
+    np_, kp = -(-n // K.ROWS) * K.ROWS, -(-k // K.SUB_K) * K.SUB_K
+    with pallas.tuned_override([]):
+        cfg = pallas.choose_mgpu_config(m, np_, kp, fmt)
+    blk = fmt.block_size
+    assert kp % (cfg.bk * cfg.split_k) == 0 and cfg.bk % K.SUB_K == 0
+    assert K.smem_bytes(K.token_tile(m), cfg.bk, cfg.stages, 2 if cfg.split_k == 1 else 4, blk) <= K.SMEM_LIMIT
+    units = K.work_units(m, np_, cfg.split_k)
+    assert 1 <= cfg.ctas <= min(units, 3 * pallas.sm_count())
+
+
+def test_tuned_mgpu_records_are_found_and_kept_from_the_triton_kernel():
+    from jaxfp4.kernels.w4a16_triton import BlockConfig
+
+    cfg = K.MgpuConfig(256, 2, 5, ctas=7)
+    rec = {"kernel": "mgpu", **pallas.tuned_entry(1, 6144, 4096, FP4Format.NVFP4, cfg)}
+    with pallas.tuned_override([rec]):
+        assert pallas.choose_mgpu_config(1, 6144, 4096, FP4Format.NVFP4) == cfg
+        assert pallas.choose_mgpu_config(1, 6144, 4096, FP4Format.MXFP4) != cfg  # keyed by format
+        assert isinstance(pallas.choose_config(1, 6144, 4096, FP4Format.NVFP4), BlockConfig)  # the Triton kernel's
+
+
 @pytest.mark.skipif(
     tuple(int(v) for v in jax.__version__.split(".")[:2]) >= (0, 11),
     reason="jax >= 0.11 refuses to lower for CUDA without a GPU; CI runs jax 0.10.x",
@@ -127,6 +154,8 @@ def test_mgpu_kernel_lowers_for_cuda_on_cpu_install(mx):
         (1, 128, 1024, K.MgpuConfig(512, 1, 3)),
         (304, 128, 512, K.MgpuConfig(128, 1, 2)),
         (304, 64, 512, K.MgpuConfig(128, 2, 2)),
+        (1, 256, 1024, K.MgpuConfig(256, 2, 4, ctas=3)),  # persistent: 8 units over 3 CTAs
+        (304, 128, 512, K.MgpuConfig(128, 1, 2, ctas=3)),  # 4 units (2 row x 2 token tiles) over 3
     ]
     for m, n, k, cfg in cases:
         args = [
@@ -151,6 +180,7 @@ def test_mgpu_kernel_lowers_for_cuda_on_cpu_install(mx):
         (12, 256, K.MgpuConfig(256, 1, 2), False, "bad shapes"),  # M >= 8 must be a multiple of 8
         (5, 256, K.MgpuConfig(256, 2, 2), False, "bad shapes"),  # K not a multiple of bk * split_k
         (5, 512, K.MgpuConfig(256, 2, 2), True, "split_k == 1"),  # the fused epilogue needs one split
+        (256, 512, K.MgpuConfig(128, 1, 3), False, "shared memory"),  # 3 x 69 KiB stages + 64 KiB out
     ],
 )
 def test_mgpu_kernel_rejects_bad_shapes(m, k, cfg, fused, match):
@@ -177,6 +207,11 @@ def test_mgpu_kernel_rejects_bad_shapes(m, k, cfg, fused, match):
         (40, 128, 1024, K.MgpuConfig(128, 1, 3)),
         (300, 128, 512, K.MgpuConfig(128, 1, 2)),  # two 256-token tiles
         (300, 64, 1024, K.MgpuConfig(128, 2, 2)),
+        # Persistent grids: CTAs with unequal numbers of units, one pipeline through them all.
+        (1, 320, 1024, K.MgpuConfig(256, 2, 3, ctas=3)),  # 10 units: 4, 3, 3
+        (16, 448, 2048, K.MgpuConfig(512, 1, 4, ctas=4)),  # 7 units: 2, 2, 2, 1; fused epilogue
+        (300, 192, 512, K.MgpuConfig(128, 1, 2, ctas=5)),  # 3 row x 2 token tiles over 5 CTAs
+        (8, 128, 4096, K.MgpuConfig(256, 4, 8, ctas=2)),  # 8 units, 4 each; deeper than a unit
     ],
 )
 def test_mgpu_kernel_equals_exact_product_on_gpu(fmt, m, n, k, cfg):
