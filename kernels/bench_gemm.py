@@ -173,7 +173,9 @@ def main() -> None:
                 acts = "fp8" if scheme == "mxfp4_w4a8" else "bf16"
                 pal = time_op(lambda x, p: jaxfp4.fp4_linear(x, p, backend="pallas"), x, ps)
                 if pallas_backend.uses_mgpu(ps[0], m):  # what actually ran
-                    used = {"kernel": "mgpu", **dataclasses.asdict(pallas_backend.choose_mgpu_config(m, n, k))}
+                    kl = ps[0].kernel_layout
+                    cfg = pallas_backend.choose_mgpu_config(m, kl.codes.shape[0], kl.codes.shape[1] * 2, fmt)
+                    used = {"kernel": "mgpu", **dataclasses.asdict(cfg)}
                 else:
                     used = dataclasses.asdict(pallas_backend.choose_config(m, n, k, fmt, acts))
                 records.append({**rec, "backend": "pallas", "us": pal, "config": used})

@@ -142,11 +142,13 @@ def bench_model(model: Llama, name: str, args) -> list[dict]:
     decode = greedy_decode(graphdef, args.steps)
 
     out = []
-    ptoks = jnp.ones((1, args.prefill), jnp.int32)
-    s = timed(prefill, state, ptoks, reps=args.reps)
-    out.append(dict(model=name, phase="prefill", batch=1, tokens=args.prefill, seconds=s, tokens_per_s=args.prefill / s))
-    print(out[-1], flush=True)
-    for b in (1, 16):
+    phases = args.phases.split(",")
+    if "prefill" in phases:
+        ptoks = jnp.ones((1, args.prefill), jnp.int32)
+        s = timed(prefill, state, ptoks, reps=args.reps)
+        out.append(dict(model=name, phase="prefill", batch=1, tokens=args.prefill, seconds=s, tokens_per_s=args.prefill / s))
+        print(out[-1], flush=True)
+    for b in (int(p[1:]) for p in phases if p.startswith("b")):
         cache = KVCache.init(cfg, b, args.context + args.steps, model.dtype)
         s = timed(decode, state, cache, jnp.ones((b,), jnp.int32), jnp.int32(args.context), reps=args.reps)
         out.append(
@@ -166,6 +168,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--backend", default=None)
     ap.add_argument("--no-fuse", action="store_true", help="run q/k/v and gate/up as separate layers")
+    ap.add_argument("--phases", default="prefill,b1,b16", help="prefill and/or decode batch sizes bN")
     ap.add_argument("--out", default="kernels/results")
     args = ap.parse_args()
     cfg = llama3_8b(args.layers, args.vocab)
@@ -181,28 +184,35 @@ def main() -> None:
     result = {"device": device, "jax": jax.__version__, "config": cfg, "args": vars(args), "records": records}
     with open(os.path.join(args.out, f"llama-{tag}.json"), "w") as f:
         json.dump(result, f, indent=1)
+    plot(result, os.path.join(args.out, f"llama-{tag}.png"))
+
+
+def plot(result: dict, path: str) -> None:
+    """Bar plot of a ``llama-<device>.json`` result (``python -c "..."`` can redraw a merged file)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        labels = [f"{r['phase']} b{r['batch']}" for r in records if r["model"] == "bf16"]
-        base = [r["tokens_per_s"] for r in records if r["model"] == "bf16"]
-        fp4 = [r["tokens_per_s"] for r in records if r["model"] == "nvfp4_w4a16"]
-        x = np.arange(len(labels))
-        plt.figure(figsize=(7, 4))
-        plt.bar(x - 0.2, base, 0.4, label="bf16")
-        plt.bar(x + 0.2, fp4, 0.4, label="NVFP4 W4A16 (jaxfp4)")
-        plt.xticks(x, labels)
-        plt.yscale("log")
-        plt.ylabel("tokens/s")
-        plt.title(f"Llama-3-8B shape, {args.layers} layers, {device}")
-        plt.legend()
-        plt.tight_layout()
-        plt.savefig(os.path.join(args.out, f"llama-{tag}.png"), dpi=120)
     except ImportError:
-        pass
+        return
+    records = result["records"]
+    labels = [f"{r['phase']} b{r['batch']}" for r in records if r["model"] == "bf16"]
+    base = [r["tokens_per_s"] for r in records if r["model"] == "bf16"]
+    fp4 = [r["tokens_per_s"] for r in records if r["model"] == "nvfp4_w4a16"]
+    x = np.arange(len(labels))
+    plt.figure(figsize=(7, 4))
+    plt.bar(x - 0.2, base, 0.4, label="bf16")
+    plt.bar(x + 0.2, fp4, 0.4, label="NVFP4 W4A16 (jaxfp4)")
+    for i, (b, f) in enumerate(zip(base, fp4, strict=True)):
+        plt.text(i + 0.2, f, f"{f / b:.2f}x", ha="center", va="bottom", fontsize=8)
+    plt.xticks(x, labels)
+    plt.yscale("log")
+    plt.ylabel("tokens/s")
+    plt.title(f"Llama-3-8B shape, {result['args']['layers']} layers, {result['device']}")
+    plt.legend()
+    plt.tight_layout()
+    plt.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

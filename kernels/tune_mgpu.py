@@ -1,0 +1,159 @@
+"""Config sweep for the Mosaic GPU W4A16 kernel (run on the GPU machine; the kernel lab's notebook).
+
+For each shape and M: the GPU time of one layer, measured by CUPTI as the sum of every kernel
+that ``mgpu_linear`` launches (the Mosaic kernel and, with split-K, XLA's reduction + epilogue
+fusion), over ``COPIES`` distinct weights inside one jit so that weights stream from HBM, not
+L2; Python dispatch is not in it. Candidates: K splits that leave at most ~2 units of work per SM,
+256- or 512-K steps, as many stages (up to 8) as fit in the shared memory of 2, 3 or 4 CTAs per SM,
+and the persistent grid that shares the units evenly among the CTAs that fit at once; plus the
+heuristic config and the heuristic without persistence (``ctas=0``: one CTA per unit). The bf16
+dot's kernel time is measured in the same run. Each candidate's output is checked against the
+heuristic's (a smoke check for the tile mapping; exactness is tests/kernels/test_w4a16_mgpu.py's).
+
+Writes ``$OUT/tune-mgpu-<device>.json`` (every record, best per shape, the tuned-config records
+for ``jaxfp4/kernels/configs/``), appending as it goes, so a run cut short keeps what it measured.
+
+    PYTHONPATH=. python kernels/tune_mgpu.py --ms 1 --shapes 4096x6144,4096x28672 [--budget-s 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.mosaic.gpu import profiler
+
+import jaxfp4
+from jaxfp4.formats import MXFP4W4A16, NVFP4W4A16, FP4Format
+from jaxfp4.kernels import w4a16_mgpu as K
+from jaxfp4.ops import pallas
+from kernels.bench_gemm import random_weight
+
+COPIES = 16
+
+
+def candidates(m: int, n: int, k: int, sms: int) -> list[K.MgpuConfig]:
+    mt = K.token_tile(m)
+    tiles = n // K.ROWS * (K.padded_tokens(m) // mt)
+    out: list[K.MgpuConfig] = []
+    for split in (1, 2, 4, 8):
+        ks = k // split
+        if k % split or ks % 256 or ks < 1024 or (split > 1 and tiles * split // 2 >= 2 * sms):
+            continue
+        for bk in (256, 512):
+            if ks % bk:
+                continue
+            out_bytes = 2 if split == 1 else 4
+            for resident in (2, 3, 4):  # one CTA per SM with a deep pipeline lost everywhere (2026-11-23)
+                budget = K.SMEM_LIMIT // resident - 1024
+                stages = 2
+                while stages < 8 and K.smem_bytes(mt, bk, stages + 1, out_bytes) <= budget:
+                    stages += 1
+                if K.smem_bytes(mt, bk, stages, out_bytes) > budget:
+                    continue
+                units = tiles * split
+                per = -(-units // (resident * sms))
+                cfg = K.MgpuConfig(bk, split, stages, ctas=-(-units // per))
+                if cfg not in out:
+                    out.append(cfg)
+    return out
+
+
+def layer_us(m: int, x: jax.Array, layouts, mx: bool, cfg: K.MgpuConfig) -> tuple[float, jax.Array]:
+    """GPU time of one layer (us, all its kernels) and the first layer's output."""
+
+    def layers(x, kls):
+        ones = jnp.ones((kls[0].n,), jnp.float32)
+        return [pallas.mgpu_linear(x, kl, mx, ones, None, jnp.bfloat16, cfg) for kl in kls]
+
+    ys, t = profiler.measure(layers, aggregate=False)(x, layouts)
+    return sum(ms for _, ms in t) * 1e3 / len(layouts), ys[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="4096x6144,4096x4096,4096x28672,14336x4096,4096x14336,8192x8192")
+    ap.add_argument("--ms", default="1")
+    ap.add_argument("--formats", default="nvfp4")
+    ap.add_argument("--budget-s", type=float, default=300.0)
+    ap.add_argument("--write-configs", default=None, help="merge the best configs into this tuned-config file")
+    args = ap.parse_args()
+    out = os.environ.get("OUT", ".")
+    dev = jax.devices()[0].device_kind
+    sms = pallas.sm_count()
+    path = os.path.join(out, f"tune-mgpu-{dev.replace(' ', '_')}.json")
+    result = {"device": dev, "jax": jax.__version__, "sms": sms, "copies": COPIES, "records": [], "tuned": []}
+    t0 = time.time()
+    key = jax.random.key(0)
+    for shape in args.shapes.split(","):
+        k, n = map(int, shape.split("x"))
+        wb = [jax.random.normal(jax.random.fold_in(key, i), (n, k), jnp.bfloat16) for i in range(COPIES)]
+        for fname in args.formats.split(","):
+            fmt = FP4Format(fname)
+            mx = fmt is FP4Format.MXFP4
+            recipe = MXFP4W4A16() if mx else NVFP4W4A16()
+            qs = [random_weight(jax.random.fold_in(key, 100 + i), n, k, fmt) for i in range(COPIES)]
+            layouts = [jaxfp4.prepare_weights(jaxfp4.make_params(q, recipe)).kernel_layout for q in qs]
+            del qs
+            for m in map(int, args.ms.split(",")):
+                if time.time() - t0 > args.budget_s:
+                    break
+                x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
+                _, t = profiler.measure(lambda x, ws: [jnp.dot(x, w.T) for w in ws], aggregate=False)(x, wb)
+                bf16 = sum(ms for _, ms in t) * 1e3 / COPIES
+                heur = pallas.choose_mgpu_config(m, n, k, fmt)
+                ref_us, ref = layer_us(m, x, layouts, mx, heur)
+                ref = np.asarray(ref.astype(jnp.float32))
+                tried = {str(heur): ref_us}
+                print(f"{fname} M={m} K={k} N={n}: bf16 {bf16:.1f} us; heuristic {heur} {ref_us:.1f} us", flush=True)
+                best = (ref_us, heur)
+                for cfg in [dataclasses.replace(heur, ctas=0), *candidates(m, n, k, sms)]:
+                    if str(cfg) in tried or time.time() - t0 > args.budget_s:
+                        continue
+                    try:
+                        us, y = layer_us(m, x, layouts, mx, cfg)
+                    except Exception as e:  # a config that fails to compile is skipped, and said so
+                        print("  failed", cfg, type(e).__name__, str(e)[:300], flush=True)
+                        continue
+                    err = float(np.max(np.abs(np.asarray(y.astype(jnp.float32)) - ref)) / (np.max(np.abs(ref)) + 1e-30))
+                    ok = err < 2e-2  # bf16 outputs of two summation orders: ~1 bf16 ulp; a wrong tile is O(1)
+                    tried[str(cfg)] = us
+                    print(f"  {cfg}: {us:.1f} us ({bf16 / us:.2f}x bf16) err {err:.1e}{'' if ok else ' WRONG'}", flush=True)
+                    if ok and us < best[0]:
+                        best = (us, cfg)
+                rec = dict(format=fname, M=m, K=k, N=n, bf16_us=bf16, heuristic=str(heur), us=tried, best=str(best[1]))
+                result["records"].append(rec)
+                result["tuned"].append({"kernel": "mgpu", **pallas.tuned_entry(m, n, k, fmt, best[1])})
+                print(f"  best {best[1]}: {best[0]:.1f} us ({bf16 / best[0]:.2f}x bf16)", flush=True)
+                with open(path, "w") as f:
+                    json.dump(result, f, indent=1)
+            del layouts
+        del wb
+    if args.write_configs:
+        merge_configs(args.write_configs, result["tuned"])
+
+
+def merge_configs(path: str, tuned: list[dict]) -> None:
+    """Replace the Mosaic GPU records of the measured (M bucket, N, K, format) keys in a
+    tuned-config file (``jaxfp4/kernels/configs/<device>.json``) by ``tuned``."""
+    with open(path) as f:
+        data = json.load(f)
+
+    def key(r: dict) -> tuple:
+        return r.get("kernel"), r["m_bucket"], r["n"], r["k"], r["format"]
+
+    keys = {key(r) for r in tuned}
+    kept = [r for r in data["configs"] if key(r) not in keys]
+    data["configs"] = kept + tuned
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
