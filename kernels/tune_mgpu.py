@@ -5,8 +5,8 @@ that ``mgpu_linear`` launches (the Mosaic kernel and, with split-K, XLA's reduct
 fusion), over ``COPIES`` distinct weights inside one jit so that weights stream from HBM, not
 L2; Python dispatch is not in it. Candidates: K splits that leave at most ~2 units of work per SM,
 256- or 512-K steps, as many stages (up to 8) as fit in the shared memory of 2, 3 or 4 CTAs per SM,
-and the persistent grid that shares the units evenly among the CTAs that fit at once; plus the
-heuristic config and the heuristic without persistence (``ctas=0``: one CTA per unit). The bf16
+the persistent grid that shares the units evenly among the CTAs that fit at once and one CTA per
+unit; plus the heuristic config and the heuristic without persistence (``ctas=0``). The bf16
 dot's kernel time is measured in the same run. Each candidate's output is checked against the
 heuristic's (a smoke check for the tile mapping; exactness is tests/kernels/test_w4a16_mgpu.py's).
 
@@ -59,9 +59,12 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[K.MgpuConfig]:
                     continue
                 units = tiles * split
                 per = -(-units // (resident * sms))
-                cfg = K.MgpuConfig(bk, split, stages, ctas=-(-units // per))
-                if cfg not in out:
-                    out.append(cfg)
+                # The persistent grid sized for `resident` CTAs per SM, and one CTA per unit (the
+                # GPU then packs as many per SM as registers and shared memory allow).
+                for ctas in (-(-units // per), units):
+                    cfg = K.MgpuConfig(bk, split, stages, ctas=ctas)
+                    if cfg not in out:
+                        out.append(cfg)
     return out
 
 
