@@ -80,6 +80,16 @@ def time_op(op, x, ws, reps: int = 7) -> float:
     return float(np.median(ts)) / len(ws) * 1e6
 
 
+def gpu_us(op, x, ws) -> tuple[list, float]:
+    """``[op(x, w) for w in ws]`` in one jit and the GPU time per layer in us: the sum of every
+    kernel it launched, by CUPTI (no dispatch, no gaps between kernels; ``ws`` distinct weights,
+    so no L2 hits)."""
+    from jax.experimental.mosaic.gpu import profiler
+
+    outs, t = profiler.measure(lambda x, ws: [op(x, w) for w in ws], aggregate=False)(x, ws)
+    return outs, sum(ms for _, ms in t) * 1e3 / len(ws)
+
+
 def candidates(m: int, n: int, k: int, fmt: FP4Format, scheme: str) -> list[BlockConfig]:
     """A short list per M bucket, from the variant sweep of ``tune_w4a16.py`` (tune-*.json):
     register-built bf16 nibbles (``bits``/``asm``) beat the float32 decode everywhere, the

@@ -21,7 +21,7 @@ from jaxfp4.formats import MXFP4W4A16, NVFP4W4A16, FP4Format, GlobalScale, Quant
 from jaxfp4.kernels import w4a16_mgpu as K
 from jaxfp4.ops import KernelLayout
 from jaxfp4.ops.pallas import mgpu_linear
-from kernels.bench_gemm import time_op
+from kernels.bench_gemm import gpu_us, time_op
 
 COPIES = 16
 
@@ -157,8 +157,6 @@ def _save(path: str, data: dict) -> None:
 def cupti_breakdown(out: str, dev: str) -> None:
     """Per-kernel GPU time (CUPTI) of the Mosaic kernel over COPIES distinct weights, with and
     without the expansion math, next to the bf16 dot's kernel time; writes mgpu-cupti-<dev>.json."""
-    from jax.experimental.mosaic.gpu import profiler
-
     key = jax.random.key(0)
     rows = []
     for k, n, m, fmt in [
@@ -172,8 +170,7 @@ def cupti_breakdown(out: str, dev: str) -> None:
         del qs
         wb = [jax.random.normal(jax.random.fold_in(key, i), (n, k), jnp.bfloat16) for i in range(COPIES)]
         x = jax.random.normal(key, (K.token_tile(m), k), jnp.bfloat16)
-        _, t = profiler.measure(lambda x, ws: [jnp.dot(x, w.T) for w in ws], aggregate=False)(x, wb)
-        bf16 = sum(ms for _, ms in t) * 1e3 / COPIES
+        _, bf16 = gpu_us(lambda x, w: jnp.dot(x, w.T), x, wb)
         del wb
         for bk, split, stages in [(512, 1, 3), (512, 2, 3), (256, 2, 4), (512, 2, 4), (256, 4, 4), (512, 4, 3)]:
             for dq in ("ptx", "none"):
@@ -181,16 +178,14 @@ def cupti_breakdown(out: str, dev: str) -> None:
                 if k % (bk * split):
                     continue
                 try:
-
-                    def layers(x, ws, cfg=cfg, mx=mx):
-                        return [K.fp4_matmul_partials_mgpu(x, w.codes, w.scales, cfg=cfg, mx=mx) for w in ws]
-
-                    _, t = profiler.measure(layers, aggregate=False)(x, layouts)
+                    _, us = gpu_us(
+                        lambda x, w, cfg=cfg, mx=mx: K.fp4_matmul_partials_mgpu(x, w.codes, w.scales, cfg=cfg, mx=mx),
+                        x,
+                        layouts,
+                    )
                 except Exception as e:
                     print("  failed", cfg, type(e).__name__, str(e)[:200], flush=True)
                     continue
-                kern = [ms for _, ms in t]
-                us = sum(kern) * 1e3 / COPIES
                 gbs = n * k * (0.5 + (1 / 32 if mx else 1 / 16)) / (us * 1e-6) / 1e9
                 head = f"cupti {fmt.value} M={m} K={k} N={n} {cfg}: kernel {us:.1f} us ({gbs:.0f} GB/s)"
                 print(f"{head}, bf16 dot kernel {bf16:.1f} us ({bf16 / us:.2f}x)", flush=True)

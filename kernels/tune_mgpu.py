@@ -27,20 +27,17 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.mosaic.gpu import profiler
 
-import jaxfp4
-from jaxfp4.formats import MXFP4W4A16, NVFP4W4A16, FP4Format
+from jaxfp4.formats import FP4Format
 from jaxfp4.kernels import w4a16_mgpu as K
 from jaxfp4.ops import pallas
-from kernels.bench_gemm import random_weight
-
-COPIES = 16
+from kernels.bench_gemm import COPIES, gpu_us, random_weight
+from kernels.probe_mgpu import layout
 
 
 def candidates(m: int, n: int, k: int, sms: int) -> list[K.MgpuConfig]:
     mt = K.token_tile(m)
-    tiles = n // K.ROWS * (K.padded_tokens(m) // mt)
+    tiles = K.work_units(m, n, 1)
     out: list[K.MgpuConfig] = []
     for split in (1, 2, 4, 8):
         ks = k // split
@@ -68,15 +65,11 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[K.MgpuConfig]:
     return out
 
 
-def layer_us(m: int, x: jax.Array, layouts, mx: bool, cfg: K.MgpuConfig) -> tuple[float, jax.Array]:
+def layer_us(x: jax.Array, layouts, mx: bool, cfg: K.MgpuConfig) -> tuple[float, jax.Array]:
     """GPU time of one layer (us, all its kernels) and the first layer's output."""
-
-    def layers(x, kls):
-        ones = jnp.ones((kls[0].n,), jnp.float32)
-        return [pallas.mgpu_linear(x, kl, mx, ones, None, jnp.bfloat16, cfg) for kl in kls]
-
-    ys, t = profiler.measure(layers, aggregate=False)(x, layouts)
-    return sum(ms for _, ms in t) * 1e3 / len(layouts), ys[0]
+    ones = jnp.ones((layouts[0].n,), jnp.float32)
+    ys, us = gpu_us(lambda x, kl: pallas.mgpu_linear(x, kl, mx, ones, None, jnp.bfloat16, cfg), x, layouts)
+    return us, ys[0]
 
 
 def main() -> None:
@@ -100,18 +93,14 @@ def main() -> None:
         for fname in args.formats.split(","):
             fmt = FP4Format(fname)
             mx = fmt is FP4Format.MXFP4
-            recipe = MXFP4W4A16() if mx else NVFP4W4A16()
-            qs = [random_weight(jax.random.fold_in(key, 100 + i), n, k, fmt) for i in range(COPIES)]
-            layouts = [jaxfp4.prepare_weights(jaxfp4.make_params(q, recipe)).kernel_layout for q in qs]
-            del qs
+            layouts = [layout(random_weight(jax.random.fold_in(key, 100 + i), n, k, fmt)) for i in range(COPIES)]
             for m in map(int, args.ms.split(",")):
                 if time.time() - t0 > args.budget_s:
                     break
                 x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
-                _, t = profiler.measure(lambda x, ws: [jnp.dot(x, w.T) for w in ws], aggregate=False)(x, wb)
-                bf16 = sum(ms for _, ms in t) * 1e3 / COPIES
+                _, bf16 = gpu_us(lambda x, w: jnp.dot(x, w.T), x, wb)
                 heur = pallas.choose_mgpu_config(m, n, k, fmt)
-                ref_us, ref = layer_us(m, x, layouts, mx, heur)
+                ref_us, ref = layer_us(x, layouts, mx, heur)
                 ref = np.asarray(ref.astype(jnp.float32))
                 tried = {str(heur): ref_us}
                 print(f"{fname} M={m} K={k} N={n}: bf16 {bf16:.1f} us; heuristic {heur} {ref_us:.1f} us", flush=True)
@@ -120,7 +109,7 @@ def main() -> None:
                     if str(cfg) in tried or time.time() - t0 > args.budget_s:
                         continue
                     try:
-                        us, y = layer_us(m, x, layouts, mx, cfg)
+                        us, y = layer_us(x, layouts, mx, cfg)
                     except Exception as e:  # a config that fails to compile is skipped, and said so
                         print("  failed", cfg, type(e).__name__, str(e)[:300], flush=True)
                         continue

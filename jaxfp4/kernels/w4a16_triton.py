@@ -71,7 +71,9 @@ def epilogue_exponent(cfg: BlockConfig, mx: bool) -> int:
     if cfg.dequant == "f32":
         return 0
     if cfg.dequant == "fp8":
-        return 6  # w4a8_triton.EPILOGUE_EXPONENT
+        from jaxfp4.kernels.w4a8_triton import EPILOGUE_EXPONENT  # that module imports this one
+
+        return EPILOGUE_EXPONENT
     return 7 if mx else 8
 
 

@@ -211,7 +211,8 @@ def choose_mgpu_config(m: int, n: int, k: int, fmt: FP4Format = FP4Format.NVFP4,
         if rec.get("kernel") == "mgpu" and (rec["m_bucket"], rec["n"], rec["k"], rec["format"]) == (bucket, n, k, fmt.value):
             return K.MgpuConfig(**rec["config"])
     mt = K.token_tile(m)
-    tiles, split = -(-n // K.ROWS) * (K.padded_tokens(m) // mt), 1
+    np_, sms = -(-n // K.ROWS) * K.ROWS, sm_count()
+    tiles, split = K.work_units(m, np_, 1), 1
     while tiles * split < 256 and k % (256 * split * 2) == 0 and k // (split * 2) >= 1024:
         split *= 2
     ks = k // split
@@ -222,11 +223,11 @@ def choose_mgpu_config(m: int, n: int, k: int, fmt: FP4Format = FP4Format.NVFP4,
             stages -= 1
         else:
             bk //= 2
-    units = K.work_units(m, -(-n // K.ROWS) * K.ROWS, split)
-    if units <= 3 * sm_count():  # one CTA per unit: the GPU packs as many per SM as fit
+    units = tiles * split
+    if units <= 3 * sms:  # one CTA per unit: the GPU packs as many per SM as fit
         return K.MgpuConfig(bk, split, stages, ctas=units)
     resident = max(1, min(2, K.SMEM_LIMIT // K.smem_bytes(mt, bk, stages, out_bytes)))  # CTAs per SM
-    per_cta = -(-units // (resident * sm_count()))
+    per_cta = -(-units // (resident * sms))
     return K.MgpuConfig(bk, split, stages, ctas=-(-units // per_cta))
 
 
