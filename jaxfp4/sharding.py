@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +38,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxfp4.formats import QuantizedTensor
-from jaxfp4.formats.tensor import repeat_per_row
-from jaxfp4.ops import Fp4LinearParams, fp4_linear
+from jaxfp4.formats.tensor import repeat_per_row, slice_rows
+from jaxfp4.ops import Fp4LinearParams, concat_params, fp4_linear
 
 
 class Parallel(enum.Enum):
@@ -117,28 +117,76 @@ def param_specs(params: Fp4LinearParams, tp: TensorParallel) -> Fp4LinearParams:
         scales=P(a, None) if col else P(None, a),
         global_scale=None if w.global_scale is None else (P(a) if col else P()),
     )
+    kl = params.kernel_layout
     return dataclasses.replace(
         params,
         weight=weight,
         input_scale=None if params.input_scale is None else P(),
         bias=None if params.bias is None else (P(a) if col else P()),
+        kernel_layout=None if kl is None else dataclasses.replace(kl, codes=P(a, None, None), scales=P(a, None, None)),
     )
 
 
 def _prepared(params: Fp4LinearParams, tp: TensorParallel) -> Fp4LinearParams:
-    # A kernel layout is of the whole weight; shards run from the reference layout.
-    params = dataclasses.replace(params, kernel_layout=None)
+    """Column: per-row global scales. A kernel layout is kept only if it is one per shard of this
+    split (a layout of the whole weight is of no use to a shard)."""
+    kl = params.kernel_layout
+    if kl is not None and (kl.shards != tp.size or (kl.n, kl.k) != (_local(params, tp).weight.shape)):
+        params = dataclasses.replace(params, kernel_layout=None)
     if tp.mode is Parallel.COLUMN:
         return dataclasses.replace(params, weight=per_row_global_scale(params.weight))
     return params
 
 
-def shard_params(params: Fp4LinearParams, tp: TensorParallel, name: str = "layer") -> Fp4LinearParams:
-    """Place ``params`` on ``tp.mesh`` (column: per-row global scales, split along N; row: split along K)."""
+def _localize(p: Fp4LinearParams, local: Fp4LinearParams) -> Fp4LinearParams:
+    """Inside ``shard_map``: local arrays under the global static metadata -> ``local``'s metadata
+    (shapes of one shard), and the shard's own kernel layout out of the stacked ones."""
+    w = p.weight
+    weight = dataclasses.replace(local.weight, codes=w.codes, scales=w.scales, global_scale=w.global_scale)
+    kl = None if p.kernel_layout is None else p.kernel_layout.shard(0)
+    return dataclasses.replace(p, weight=weight, kernel_layout=kl)
+
+
+def _with_shard_layouts(params: Fp4LinearParams, tp: TensorParallel) -> Fp4LinearParams:
+    """Placed ``params`` plus each shard's :func:`~jaxfp4.ops.prepare_weights` layout, made on the
+    device that holds the shard (no weight bytes move) and stacked along a leading axis split
+    over ``tp.axis`` (:class:`~jaxfp4.ops.KernelLayout` with ``shards = tp.size``)."""
+    from jaxfp4.kernels.w4a16_mgpu import CHUNK
+    from jaxfp4.ops import KernelLayout, prepare_weights
+
+    local = _local(params, tp)
+    if local.weight.k % CHUNK:
+        return params  # as prepare_weights: a shard's K is not a multiple of the kernel's chunk
+
+    def one(p: Fp4LinearParams) -> tuple[jax.Array, jax.Array]:
+        kl = prepare_weights(_localize(p, local)).kernel_layout
+        return kl.codes[None], kl.scales[None]
+
+    stacked = P(tp.axis, None, None)
+    make = jax.shard_map(
+        one, mesh=tp.mesh, in_specs=(param_specs(params, tp),), out_specs=(stacked, stacked), check_vma=False
+    )
+    codes, scales = jax.jit(make)(params)
+    layout = KernelLayout(codes, scales, local.weight.n, local.weight.k, shards=tp.size)
+    return dataclasses.replace(params, kernel_layout=layout)
+
+
+def shard_params(
+    params: Fp4LinearParams, tp: TensorParallel, name: str = "layer", *, prepare: bool | None = None
+) -> Fp4LinearParams:
+    """Place ``params`` on ``tp.mesh`` (column: per-row global scales, split along N; row: split along K).
+
+    ``prepare``: give every shard its own GPU kernel layout (a :class:`~jaxfp4.ops.KernelLayout`
+    with ``shards = tp.size``, what :func:`tp_linear` hands the Pallas kernel per shard);
+    ``None``: when ``params`` came with a kernel layout (which, of the whole weight, is replaced)."""
     check_shardable(params, tp, name)
+    prepare = params.kernel_layout is not None if prepare is None else prepare
     params = _prepared(params, tp)
     specs = param_specs(params, tp)
-    return jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(tp.mesh, s)), params, specs)
+    placed = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(tp.mesh, s)), params, specs)
+    if prepare and placed.kernel_layout is None:
+        placed = _with_shard_layouts(placed, tp)
+    return placed
 
 
 def tp_linear(
@@ -158,11 +206,7 @@ def tp_linear(
     bias = params.bias
 
     def localize(p: Fp4LinearParams) -> Fp4LinearParams:
-        """shard_map hands over local arrays under the global static metadata: swap it for ``local``'s."""
-        w = p.weight
-        return dataclasses.replace(
-            p, weight=dataclasses.replace(local.weight, codes=w.codes, scales=w.scales, global_scale=w.global_scale)
-        )
+        return _localize(p, local)
 
     if tp.mode is Parallel.COLUMN:
         f = jax.shard_map(
@@ -187,12 +231,66 @@ def tp_linear(
     return y.astype(x.dtype)
 
 
+# --- fused column-parallel layers and dense layers ------------------------------------------
+
+
+def shard_major(arrays: Sequence[jax.Array], size: int) -> jax.Array:
+    """Arrays of one layer's parts (e.g. q, k, v weights ``(N_i, ...)``) stacked along axis 0
+    shard-major: ``[a_0 rows of shard 0, a_1 rows of shard 0, ..., a_0 rows of shard 1, ...]``,
+    so that splitting the result evenly along axis 0 over ``size`` devices gives each device its
+    own rows of every part. ``size == 1``: plain concatenation."""
+    for a in arrays:
+        if a.shape[0] % size:
+            raise ValueError(f"a part of {a.shape[0]} rows does not split over {size} devices")
+    return jnp.concatenate([a.reshape(size, a.shape[0] // size, *a.shape[1:]) for a in arrays], 1).reshape(
+        -1, *arrays[0].shape[1:]
+    )
+
+
+def fuse_columns(parts: Sequence[Fp4LinearParams], size: int, name: str = "fused layer") -> Fp4LinearParams:
+    """Quantized layers reading one input (q/k/v, gate/up) as one layer for column parallelism
+    over ``size`` devices, rows shard-major (as :func:`shard_major`): each device computes its own
+    slice of every part and no output moves between devices; :func:`split_columns` cuts the
+    output back into the parts. Exact: each row keeps its part's global scale."""
+    for p in parts:
+        if p.out_features % size:
+            raise ValueError(f"{name}: column parallelism needs N={p.out_features} divisible by {size}")
+    pieces = []
+    for i in range(size):
+        for p in parts:
+            rows = p.out_features // size
+            weight = slice_rows(p.weight, i * rows, (i + 1) * rows)
+            bias = None if p.bias is None else p.bias[i * rows : (i + 1) * rows]
+            pieces.append(dataclasses.replace(p, weight=weight, bias=bias, kernel_layout=None))
+    return concat_params(pieces)
+
+
+def split_columns(y: jax.Array, sizes: Sequence[int], size: int) -> list[jax.Array]:
+    """The parts' outputs ``[..., sizes[i]]`` of a layer fused by :func:`fuse_columns` /
+    :func:`shard_major` over ``size`` devices, from its output ``y [..., sum(sizes)]``."""
+    lead = y.shape[:-1]
+    local = [n // size for n in sizes]
+    cuts = [sum(local[: i + 1]) for i in range(len(local) - 1)]
+    pieces = jnp.split(y.reshape(*lead, size, sum(local)), cuts, axis=-1)
+    return [p.reshape(*lead, n) for p, n in zip(pieces, sizes, strict=True)]
+
+
+def dense_specs(tp: TensorParallel) -> tuple[P, P]:
+    """Partition specs of a dense ``(N, K)`` weight and its bias ``[N]`` under ``tp`` (XLA's
+    partitioner runs the matmul and, for row parallelism, the sum across devices)."""
+    if tp.mode is Parallel.COLUMN:
+        return P(tp.axis, None), P(tp.axis)
+    return P(None, tp.axis), P()
+
+
 # --- checkpoints -----------------------------------------------------------------------------
 
-#: Llama-family layout: attention q/k/v and MLP gate/up split along N, o/down along K.
+#: Llama-family layout: attention q/k/v, MLP gate/up and the LM head split along N (the LM head's
+#: vocabulary: at decode it is the largest single read), o/down along K.
 LLAMA_PLAN: Mapping[str, Parallel] = {
     r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)$": Parallel.COLUMN,
     r"\.(o_proj|down_proj)$": Parallel.ROW,
+    r"(^|\.)lm_head$": Parallel.COLUMN,
 }
 
 
@@ -204,14 +302,15 @@ def plan_mode(module: str, plan: Mapping[str, Parallel]) -> Parallel | None:
     return None
 
 
-_ROLE = re.compile(r"^(?P<module>.+)\.(?P<role>weight\.codes|weight\.scales|weight\.global_scale|input_scale|bias)$")
+_ROLE = re.compile(r"^(?P<module>.+)\.(?P<role>weight\.codes|weight\.scales|weight\.global_scale|weight|input_scale|bias)$")
 
 
 def checkpoint_placement(
     mesh: Mesh, axis: str, plan: Mapping[str, Parallel] = LLAMA_PLAN
 ) -> Callable[[str, tuple[int, ...]], NamedSharding]:
-    """A ``place`` callable for :func:`jaxfp4.load_checkpoint`: each quantized tensor goes straight
-    onto its shards (read slice by slice from the memory-mapped file), everything else replicated.
+    """A ``place`` callable for :func:`jaxfp4.load_checkpoint`: each tensor of a module in ``plan``
+    (quantized codes and scales, a dense weight, a column-parallel bias) goes straight onto its
+    shards (read slice by slice from the memory-mapped file), everything else replicated.
 
     Global scales stay per partition here (tiny; :func:`shard_params` / :func:`tp_linear` expand
     them per row). Shapes that would split a scale block fail later, in :func:`check_shardable`.
@@ -225,7 +324,7 @@ def checkpoint_placement(
             return rep
         role = m.group("role")
         size = mesh.shape[axis]
-        if role in ("weight.codes", "weight.scales"):
+        if role in ("weight.codes", "weight.scales") or (role == "weight" and len(shape) == 2):
             dim = 0 if mode is Parallel.COLUMN else 1
             if shape[dim] % size:
                 return rep  # not splittable: check_shardable names the layer when it is used

@@ -12,9 +12,15 @@ Both models are built as a user gets them by default: q/k/v and gate/up fused in
 
     python kernels/bench_llama.py --out kernels/results            # on the GPU machine
     python kernels/bench_llama.py --layers 2 --vocab 1024 --out /tmp # a quick smoke run (CPU too)
+    python kernels/bench_llama.py --tp 2 --phases b1,b16             # tensor parallel over 2 GPUs
+
+``--tp N``: both models tensor-parallel over the first N devices (jaxfp4.models.llama.TPConfig:
+Megatron split of every linear layer incl. the LM head, KV cache split by KV heads; FP4 layers
+per shard on their own kernel layouts, bf16 ones through XLA's partitioner); results go to
+``llama-<device>-tp<N>.json``.
 
 Writes ``llama-<device>.json`` (``{"device", "config", "records": [{"model": "bf16" | "nvfp4_w4a16",
-"phase": "decode" | "prefill", "batch", "tokens", "seconds", "tokens_per_s"}]}``) and a PNG plot.
+"phase": "decode" | "prefill", "batch", "tokens", "seconds", "tokens_per_s", "tp"}]}``) and a PNG plot.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from flax import nnx
 import jaxfp4
 from jaxfp4.checkpoint import Checkpoint, LoadReport
 from jaxfp4.formats import FP4Format, GlobalScale, QuantizedTensor
-from jaxfp4.models.llama import KVCache, Llama
+from jaxfp4.models.llama import Llama, TPConfig
 
 
 def llama3_8b(layers: int, vocab: int) -> dict:
@@ -130,12 +136,12 @@ def greedy_decode(graphdef, steps: int):
 
 def bench_model(model: Llama, name: str, args) -> list[dict]:
     graphdef, state = nnx.split(model)
-    cfg = model.cfg
+    tp = 1 if model.tp is None else model.tp.mesh.shape[model.tp.axis]
 
     @jax.jit
     def prefill(state, tokens):
         m = nnx.merge(graphdef, state)
-        cache = KVCache.init(cfg, tokens.shape[0], tokens.shape[1], m.dtype)
+        cache = m.init_cache(tokens.shape[0], tokens.shape[1])
         logits, _ = m(tokens, jnp.int32(0), cache)
         return logits[:, -1]
 
@@ -146,13 +152,17 @@ def bench_model(model: Llama, name: str, args) -> list[dict]:
     if "prefill" in phases:
         ptoks = jnp.ones((1, args.prefill), jnp.int32)
         s = timed(prefill, state, ptoks, reps=args.reps)
-        out.append(dict(model=name, phase="prefill", batch=1, tokens=args.prefill, seconds=s, tokens_per_s=args.prefill / s))
+        out.append(
+            dict(model=name, phase="prefill", batch=1, tokens=args.prefill, seconds=s, tokens_per_s=args.prefill / s, tp=tp)
+        )
         print(out[-1], flush=True)
     for b in (int(p[1:]) for p in phases if p.startswith("b")):
-        cache = KVCache.init(cfg, b, args.context + args.steps, model.dtype)
+        cache = model.init_cache(b, args.context + args.steps)
         s = timed(decode, state, cache, jnp.ones((b,), jnp.int32), jnp.int32(args.context), reps=args.reps)
         out.append(
-            dict(model=name, phase="decode", batch=b, tokens=b * args.steps, seconds=s, tokens_per_s=b * args.steps / s)
+            dict(
+                model=name, phase="decode", batch=b, tokens=b * args.steps, seconds=s, tokens_per_s=b * args.steps / s, tp=tp
+            )
         )
         print(out[-1], flush=True)
     return out
@@ -169,19 +179,32 @@ def main() -> None:
     ap.add_argument("--backend", default=None)
     ap.add_argument("--no-fuse", action="store_true", help="run q/k/v and gate/up as separate layers")
     ap.add_argument("--phases", default="prefill,b1,b16", help="prefill and/or decode batch sizes bN")
+    ap.add_argument("--tp", type=int, default=1, help="tensor parallel over this many devices")
     ap.add_argument("--out", default="kernels/results")
     args = ap.parse_args()
     cfg = llama3_8b(args.layers, args.vocab)
     device = jax.devices()[0].device_kind
+    tp = None
+    if args.tp > 1:
+        auto = (jax.sharding.AxisType.Auto,)
+        tp = TPConfig(jax.make_mesh((args.tp,), ("model",), axis_types=auto, devices=jax.devices()[: args.tp]))
     records = []
     for fp4 in (False, True):
         ckpt = random_checkpoint(cfg, fp4)
-        model = Llama(ckpt, dtype=jnp.bfloat16, backend=args.backend, fuse=not args.no_fuse)
+        model = Llama(ckpt, dtype=jnp.bfloat16, backend=args.backend, fuse=not args.no_fuse, tp=tp)
+        del ckpt
         records += bench_model(model, "nvfp4_w4a16" if fp4 else "bf16", args)
-        del model, ckpt
+        del model
     os.makedirs(args.out, exist_ok=True)
-    tag = device.replace(" ", "_")
-    result = {"device": device, "jax": jax.__version__, "config": cfg, "args": vars(args), "records": records}
+    tag = device.replace(" ", "_") + (f"-tp{args.tp}" if args.tp > 1 else "")
+    result = {
+        "device": device,
+        "devices": args.tp,
+        "jax": jax.__version__,
+        "config": cfg,
+        "args": vars(args),
+        "records": records,
+    }
     with open(os.path.join(args.out, f"llama-{tag}.json"), "w") as f:
         json.dump(result, f, indent=1)
     plot(result, os.path.join(args.out, f"llama-{tag}.png"))
@@ -209,7 +232,8 @@ def plot(result: dict, path: str) -> None:
     plt.xticks(x, labels)
     plt.yscale("log")
     plt.ylabel("tokens/s")
-    plt.title(f"Llama-3-8B shape, {result['args']['layers']} layers, {result['device']}")
+    on = result["device"] if result.get("devices", 1) == 1 else f"{result['devices']} x {result['device']}, tensor parallel"
+    plt.title(f"Llama-3-8B shape, {result['args']['layers']} layers, {on}")
     plt.legend()
     plt.tight_layout()
     plt.savefig(path, dpi=120)

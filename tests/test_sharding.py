@@ -9,6 +9,7 @@ where it holds for the xla backend on CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -19,17 +20,20 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxfp4
-from jaxfp4.formats import quantize_mxfp4_llmcompressor, quantize_nvfp4_llmcompressor
+from jaxfp4.formats import quantize_mxfp4_llmcompressor, quantize_nvfp4_llmcompressor, slice_rows
 from jaxfp4.models.llama import Llama, TPConfig, generate
 from jaxfp4.nn import Fp4Linear
-from jaxfp4.ops import pallas_interpret
+from jaxfp4.ops import pallas, pallas_interpret
 from jaxfp4.sharding import (
     LLAMA_PLAN,
     Parallel,
     TensorParallel,
     checkpoint_placement,
+    fuse_columns,
     per_row_global_scale,
+    shard_major,
     shard_params,
+    split_columns,
     tp_linear,
 )
 
@@ -164,18 +168,109 @@ def test_load_checkpoint_places_tensors_on_their_shards():
 
 
 @pytest.mark.parametrize("name", ["ct-nvfp4a16", "ct-nvfp4", "ct-mxfp4a16"])
-def test_llama_tensor_parallel_matches_single_device(name):
+@pytest.mark.parametrize("fuse", [True, False])
+def test_llama_tensor_parallel_matches_single_device(name, fuse):
     mesh = _mesh(4, 2)
     path = os.path.join(FIXTURES, name)
     single = Llama(jaxfp4.load_checkpoint(path))
-    tp = Llama(jaxfp4.load_checkpoint(path, place=checkpoint_placement(mesh, "model")), tp=TPConfig(mesh, "model"))
-    assert tp.layers[0].self_attn.qkv.sizes is None  # not fused under tensor parallelism
-    assert tp.layers[0].self_attn.qkv.layers[0].weight.get_value().codes.sharding.spec == P("model", None)
+    ckpt = jaxfp4.load_checkpoint(path, place=checkpoint_placement(mesh, "model"))
+    assert ckpt.dense["lm_head.weight"].sharding.spec == P("model", None)  # dense, in the plan: placed split
+    tp = Llama(ckpt, tp=TPConfig(mesh, "model"), fuse=fuse)
+    qkv = tp.layers[0].self_attn.qkv
+    assert qkv.sizes == ((64, 32, 32) if fuse else None)  # fused shard-major under tensor parallelism
+    assert qkv.layers[0].weight.get_value().codes.sharding.spec == P("model", None)
+    assert tp.layers[0].mlp.down_proj.weight.get_value().codes.sharding.spec == P(None, "model")
+    assert tp.lm_head.weight.get_value().sharding.spec == P("model", None)
+    assert tp.init_cache(2, 16).k.sharding.spec == P(None, None, None, "model", None)  # split by KV heads
     prompt = jnp.array([[1, 5, 9, 14], [3, 3, 200, 7]], jnp.int32)
     toks_1, logits_1 = generate(single, prompt, max_new_tokens=8)
     toks_t, logits_t = generate(tp, prompt, max_new_tokens=8)
     # Row-parallel o/down projections re-associate float32 sums: logits within a few bf16 ulps
     # of the logit scale; tokens identical on these checkpoints.
     l1, lt = np.asarray(logits_1), np.asarray(logits_t)
+    assert np.max(np.abs(l1 - lt)) <= 4 * 2.0**-8 * np.max(np.abs(l1))
+    assert np.array_equal(np.asarray(toks_1), np.asarray(toks_t))
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("mode", list(Parallel))
+def test_shard_params_lays_out_each_shard_for_the_kernel(fmt, mode):
+    mesh = _mesh(4, 2)
+    tp = TensorParallel(mesh, "model", mode)
+    recipe = jaxfp4.NVFP4W4A16() if fmt == "nvfp4" else jaxfp4.MXFP4W4A16()
+    p = _params(recipe, None, n=192, k=512)
+    assert shard_params(p, tp).kernel_layout is None  # no layout asked for, none made
+    ps = shard_params(jaxfp4.prepare_weights(p), tp)  # a whole-weight layout is replaced by per-shard ones
+    kl = ps.kernel_layout
+    local = (96, 512) if mode is Parallel.COLUMN else (192, 256)
+    assert (kl.shards, (kl.n, kl.k)) == (2, local)
+    assert kl.codes.sharding.spec[0] == "model" and kl.codes.addressable_shards[0].data.shape[0] == 1
+    for i in range(2):  # each shard's layout is prepare_weights of that shard's own weight
+        w = p.weight
+        if mode is Parallel.COLUMN:
+            w = slice_rows(w, 96 * i, 96 * (i + 1))
+        else:
+            nb = 256 // w.block_size
+            w = dataclasses.replace(
+                w, codes=w.codes[:, 128 * i : 128 * (i + 1)], scales=w.scales[:, nb * i : nb * (i + 1)], shape=(192, 256)
+            )
+        ref = jaxfp4.prepare_weights(jaxfp4.make_params(w, recipe)).kernel_layout
+        assert np.array_equal(np.asarray(kl.codes[i]), np.asarray(ref.codes))
+        assert np.array_equal(np.asarray(kl.scales[i]), np.asarray(ref.scales))
+    assert not pallas.uses_mgpu(ps, 1)  # a stack of shard layouts is only read per shard, by tp_linear
+    again = shard_params(ps, tp).kernel_layout  # placing again keeps it
+    assert again.shards == 2 and np.array_equal(np.asarray(again.codes), np.asarray(kl.codes))
+    x = jax.random.normal(jax.random.key(1), (3, 512)).astype(jnp.bfloat16)
+    y = jax.jit(lambda x, p: tp_linear(x, p, tp))(x, ps)
+    if mode is Parallel.COLUMN:
+        assert np.array_equal(np.asarray(y), np.asarray(jaxfp4.fp4_linear(x, p)))
+    other = TensorParallel(mesh, "data", mode)  # a split over 4 devices cannot use 2 shard layouts
+    assert shard_params(ps, other, prepare=False).kernel_layout is None
+    of = r"\(96, 512\)" if mode is Parallel.COLUMN else r"\(192, 256\)"
+    with pytest.raises(ValueError, match=rf"kernel_layout is of 2 shards of a {of} weight, not \(100, 512\)"):
+        dataclasses.replace(ps, weight=slice_rows(p.weight, 0, 100), bias=None).validate()
+
+
+def test_fused_column_layer_is_shard_major_and_exact():
+    mesh = _mesh(4, 2)
+    tp = TensorParallel(mesh, "model", Parallel.COLUMN)
+    parts = [_params(jaxfp4.NVFP4W4A16(), None, n=n, k=256) for n in (128, 96, 96)]
+    parts[1] = dataclasses.replace(parts[1], bias=None)  # a missing bias fuses as zeros
+    fused = fuse_columns(parts, 2)
+    order = [(0, 0, 64), (1, 0, 48), (2, 0, 48), (0, 64, 128), (1, 48, 96), (2, 48, 96)]  # (part, rows) per block
+    w_fused = np.asarray(jaxfp4.dequantize(fused))
+    w_parts = [np.asarray(jaxfp4.dequantize(p)) for p in parts]
+    assert np.array_equal(w_fused, np.concatenate([w_parts[i][a:b] for i, a, b in order]))
+    x = jax.random.normal(jax.random.key(1), (2, 3, 256)).astype(jnp.bfloat16)
+    ys = split_columns(jax.jit(lambda x, p: tp_linear(x, p, tp))(x, shard_params(fused, tp)), [128, 96, 96], 2)
+    for y, p in zip(ys, parts, strict=True):
+        assert np.array_equal(np.asarray(y), np.asarray(jaxfp4.fp4_linear(x, p)))
+    a, b = jnp.arange(8).reshape(4, 2), 10 + jnp.arange(4).reshape(2, 2)
+    assert np.array_equal(np.asarray(shard_major([a, b], 2)), [[0, 1], [2, 3], [10, 11], [4, 5], [6, 7], [12, 13]])
+    with pytest.raises(ValueError, match="N=128 divisible by 3"):
+        fuse_columns(parts, 3)
+
+
+def _dense_twin(ckpt):
+    """The checkpoint with every quantized layer dequantized to bf16 (a dense model)."""
+    dense = dict(ckpt.dense)
+    for m, p in ckpt.quantized.items():
+        dense[m + ".weight"] = jaxfp4.dequantize(p, jnp.bfloat16)
+        if p.bias is not None:
+            dense[m + ".bias"] = p.bias
+    return dataclasses.replace(ckpt, quantized={}, dense=dense)
+
+
+def test_dense_llama_tensor_parallel_matches_single_device():
+    mesh = _mesh(4, 2)
+    ckpt = _dense_twin(jaxfp4.load_checkpoint(os.path.join(FIXTURES, "ct-nvfp4a16")))
+    single, tp = Llama(ckpt), Llama(ckpt, tp=TPConfig(mesh, "model"))
+    qkv = tp.layers[0].self_attn.qkv
+    assert qkv.sizes == (64, 32, 32) and qkv.layers[0].weight.get_value().sharding.spec == P("model", None)
+    assert tp.layers[0].mlp.down_proj.weight.get_value().sharding.spec == P(None, "model")
+    prompt = jnp.array([[1, 5, 9, 14], [3, 3, 200, 7]], jnp.int32)
+    toks_1, logits_1 = generate(single, prompt, max_new_tokens=8)
+    toks_t, logits_t = generate(tp, prompt, max_new_tokens=8)
+    l1, lt = np.asarray(logits_1), np.asarray(logits_t)  # as the FP4 model: row-parallel re-association
     assert np.max(np.abs(l1 - lt)) <= 4 * 2.0**-8 * np.max(np.abs(l1))
     assert np.array_equal(np.asarray(toks_1), np.asarray(toks_t))

@@ -37,6 +37,7 @@ from jaxfp4.formats.tensor import (
     Recipe,
     concat_partitions,
     dequantize,
+    slice_rows,
 )
 
 __all__ = [
@@ -66,5 +67,6 @@ __all__ = [
     "quantize_nvfp4_activations",
     "quantize_nvfp4_llmcompressor",
     "quantize_nvfp4_modelopt",
+    "slice_rows",
     "unpack_nibbles",
 ]

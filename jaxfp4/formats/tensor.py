@@ -245,6 +245,25 @@ def concat_partitions(parts: Sequence[QuantizedTensor]) -> QuantizedTensor:
     )
 
 
+def slice_rows(q: QuantizedTensor, lo: int, hi: int) -> QuantizedTensor:
+    """Output rows ``lo .. hi-1`` of ``q`` as a self-contained weight ``(hi - lo, K)``, exact: the
+    partitions the range cuts keep their own global scales (so slices of fused weights can be
+    re-fused in another order, see :func:`jaxfp4.sharding.fuse_columns`)."""
+    if not 0 <= lo < hi <= q.n:
+        raise ValueError(f"row range [{lo}, {hi}) is not inside a weight of {q.n} rows")
+    parts, which, start = [], [], 0
+    for i, size in enumerate(q.partitions):
+        a, b = max(lo, start), min(hi, start + size)
+        if a < b:
+            parts.append(b - a)
+            which.append(i)
+        start += size
+    gs = None if q.global_scale is None else q.global_scale[np.asarray(which)]
+    return dataclasses.replace(
+        q, codes=q.codes[lo:hi], scales=q.scales[lo:hi], global_scale=gs, shape=(hi - lo, q.k), partitions=tuple(parts)
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Recipes: what a layer computes. Typed, hashable, usable as static jit arguments.
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,13 @@ GEMMs); on a GPU every quantized weight also gets its kernel layout (:func:`jaxf
 which keeps a second copy of the codes on the device). Both build new arrays: drop the
 :class:`~jaxfp4.checkpoint.Checkpoint` after building the model to free the loaded ones.
 
+Tensor parallelism (:class:`TPConfig`): linear layers split per the plan (Megatron: q/k/v,
+gate/up and the LM head by output features, o/down by input features), quantized or dense; fused
+projections keep their rows shard-major so that each device computes its own slice of every part
+(:func:`jaxfp4.sharding.fuse_columns`); the KV cache is split by KV heads. Quantized layers run per
+shard under ``shard_map`` (each shard with its own kernel layout on a GPU), dense ones through
+XLA's partitioner.
+
 Decoding runs with a static-shape KV cache (``[layers, batch, max_len, kv_heads, head_dim]``), one
 jit-compiled prefill + ``lax.scan`` decode loop: no recompilation per token.
 """
@@ -25,12 +32,23 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxfp4.checkpoint import Checkpoint
 from jaxfp4.nn import Fp4Linear
 from jaxfp4.ops import concat_biases, concat_params, fusion_blocker, prepare_weights
-from jaxfp4.sharding import LLAMA_PLAN, Parallel, TensorParallel, plan_mode
+from jaxfp4.sharding import (
+    LLAMA_PLAN,
+    Parallel,
+    TensorParallel,
+    dense_specs,
+    fuse_columns,
+    plan_mode,
+    shard_major,
+    shard_params,
+    split_columns,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,9 +121,14 @@ def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
 
 
 class DenseLinear(nnx.Module):
-    """A dense linear layer kept in PyTorch's ``(N, K)`` orientation; float32 accumulation."""
+    """A dense linear layer kept in PyTorch's ``(N, K)`` orientation; float32 accumulation.
+    ``tp``: the weight (and bias) placed split along N (column) or K (row) on its mesh."""
 
-    def __init__(self, weight: jax.Array, bias: jax.Array | None = None):
+    def __init__(self, weight: jax.Array, bias: jax.Array | None = None, tp: TensorParallel | None = None):
+        if tp is not None:
+            wspec, bspec = dense_specs(tp)
+            weight = jax.device_put(weight, NamedSharding(tp.mesh, wspec))
+            bias = None if bias is None else jax.device_put(bias, NamedSharding(tp.mesh, bspec))
         self.weight = nnx.Param(weight)
         self.bias = None if bias is None else nnx.Param(bias)
 
@@ -120,24 +143,28 @@ class DenseLinear(nnx.Module):
 def linear_from_checkpoint(
     ckpt: Checkpoint, module: str, backend: str | None, tp: TPConfig | None = None, prepare: bool = False
 ) -> Fp4Linear | DenseLinear:
-    """The module as stored: an :class:`Fp4Linear` if quantized (tensor-parallel per ``tp``'s
-    plan when given; with its kernel layout when ``prepare``), else a :class:`DenseLinear`
-    (replicated)."""
+    """The module as stored: an :class:`Fp4Linear` if quantized (with its kernel layout when
+    ``prepare``), else a :class:`DenseLinear`; tensor-parallel per ``tp``'s plan when given."""
+    mtp = tp.for_module(module) if tp else None
     if module in ckpt.quantized:
         p = ckpt.quantized[module]
-        p = prepare_weights(p) if prepare and tp is None else p
-        return Fp4Linear.from_params(p, backend=backend, tp=tp.for_module(module) if tp else None)
+        if mtp is not None:
+            p = shard_params(p, mtp, module, prepare=prepare)
+        elif prepare:
+            p = prepare_weights(p)
+        return Fp4Linear.from_params(p, backend=backend, tp=mtp)
     if module + ".weight" not in ckpt.dense:
         raise KeyError(f"{ckpt.path}: no tensor for module {module!r} (neither quantized nor {module}.weight)")
-    return DenseLinear(ckpt.dense[module + ".weight"], ckpt.dense.get(module + ".bias"))
+    return DenseLinear(ckpt.dense[module + ".weight"], ckpt.dense.get(module + ".bias"), mtp)
 
 
 class Projections(nnx.Module):
     """Linear layers reading the same input (q/k/v, gate/up): one fused layer whose output is split
     at ``sizes`` when they fuse exactly (and ``fuse``): all quantized and :func:`fusion_blocker`
     finds nothing (an :class:`Fp4Linear`), or all dense of one dtype (a :class:`DenseLinear`);
-    else each layer on its own (``sizes`` is ``None``). Calling it returns the list of their
-    outputs either way."""
+    else each layer on its own (``sizes`` is ``None``). Under ``tp`` they fuse when the plan
+    splits all of them along N on the same axis: rows shard-major over ``shards`` devices.
+    Calling it returns the list of their outputs either way."""
 
     def __init__(
         self,
@@ -151,15 +178,29 @@ class Projections(nnx.Module):
     ):
         parts = [ckpt.quantized.get(m) for m in modules]
         dense = [ckpt.dense.get(m + ".weight") for m in modules]
-        fuse = fuse and tp is None
+        mtp = tp.for_module(modules[0]) if tp else None
+        self.shards = 1 if mtp is None else mtp.size
+        if tp is not None:  # fused only when every part is split along N the same way, evenly
+            rows = [
+                p.out_features if p is not None else w.shape[0] if w is not None else 0
+                for p, w in zip(parts, dense, strict=True)
+            ]
+            fuse = fuse and mtp is not None and mtp.mode is Parallel.COLUMN
+            fuse = fuse and all(tp.for_module(m) == mtp for m in modules) and all(n % mtp.size == 0 for n in rows)
         if fuse and all(p is not None for p in parts) and fusion_blocker(parts) is None:
-            p = concat_params(parts)
-            layers = [Fp4Linear.from_params(prepare_weights(p) if prepare else p, backend=backend)]
+            p = concat_params(parts) if mtp is None else fuse_columns(parts, mtp.size, f"{modules[0]} (fused)")
+            if mtp is not None:
+                p = shard_params(p, mtp, f"{modules[0]} (fused)", prepare=prepare)
+            elif prepare:
+                p = prepare_weights(p)
+            layers = [Fp4Linear.from_params(p, backend=backend, tp=mtp)]
             self.sizes = tuple(q.out_features for q in parts)
         elif fuse and all(w is not None for w in dense) and len({w.dtype for w in dense}) == 1:
             self.sizes = tuple(w.shape[0] for w in dense)
             bias = concat_biases([ckpt.dense.get(m + ".bias") for m in modules], self.sizes)
-            layers = [DenseLinear(jnp.concatenate(dense), bias)]
+            if bias is not None and self.shards > 1:
+                bias = shard_major(jnp.split(bias, [sum(self.sizes[: i + 1]) for i in range(len(dense) - 1)]), self.shards)
+            layers = [DenseLinear(shard_major(dense, self.shards), bias, mtp)]
         else:
             layers = [linear_from_checkpoint(ckpt, m, backend, tp, prepare) for m in modules]
             self.sizes = None
@@ -168,17 +209,16 @@ class Projections(nnx.Module):
     def __call__(self, x: jax.Array) -> list[jax.Array]:
         if self.sizes is None:
             return [layer(x) for layer in self.layers]
-        y = self.layers[0](x)
-        cuts = [sum(self.sizes[: i + 1]) for i in range(len(self.sizes) - 1)]
-        return jnp.split(y, cuts, axis=-1)
+        return split_columns(self.layers[0](x), self.sizes, self.shards)
 
 
 @dataclasses.dataclass(frozen=True)
 class TPConfig:
     """Tensor parallelism for the model: quantized linears split along mesh axis ``axis`` per
-    ``plan`` (module-name regex -> column/row; default Megatron: q/k/v/gate/up column, o/down row).
-    Everything else (embeddings, norms, dense layers, the KV cache) is replicated; XLA's
-    partitioner shards the attention and MLP math between the layers from their inputs."""
+    ``plan`` (module-name regex -> column/row; default Megatron: q/k/v/gate/up/lm_head column,
+    o/down row), quantized or dense; the KV cache split by KV heads (:meth:`cache_sharding`).
+    Embeddings and norms are replicated; XLA's partitioner shards the attention and MLP math
+    between the layers from their inputs."""
 
     mesh: Mesh
     axis: str = "model"
@@ -187,6 +227,12 @@ class TPConfig:
     def for_module(self, module: str) -> TensorParallel | None:
         mode = plan_mode(module, dict(self.plan))
         return None if mode is None else TensorParallel(self.mesh, self.axis, mode)
+
+    def cache_sharding(self, kv_heads: int) -> NamedSharding:
+        """The KV cache ``[layers, batch, max_len, kv_heads, head_dim]`` split by KV heads (what
+        column-parallel k/v projections produce on each device); replicated if they do not split."""
+        size = self.mesh.shape[self.axis]
+        return NamedSharding(self.mesh, P(None, None, None, self.axis, None) if kv_heads % size == 0 else P())
 
 
 class RMSNorm(nnx.Module):
@@ -216,9 +262,15 @@ class KVCache:
     v: jax.Array
 
     @classmethod
-    def init(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype: jnp.dtype) -> KVCache:
+    def init(
+        cls, cfg: LlamaConfig, batch: int, max_len: int, dtype: jnp.dtype, sharding: NamedSharding | None = None
+    ) -> KVCache:
+        """Zeros; with ``sharding`` placed (or, under ``jit``, constrained) that way."""
         shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+        if sharding is not None:
+            k, v = jax.lax.with_sharding_constraint((k, v), sharding)
+        return cls(k, v)
 
 
 class Attention(nnx.Module):
@@ -318,9 +370,10 @@ class Llama(nnx.Module):
     writes their keys/values into ``cache`` and returns ``(logits [B, T, V] float32, cache)``.
     ``tp``: tensor parallelism (:class:`TPConfig`); load the checkpoint with
     ``place=jaxfp4.sharding.checkpoint_placement(mesh, axis)`` so that weights arrive on their shards.
-    ``fuse``: run q/k/v and gate/up as one layer each where that is exact (not under ``tp``).
-    ``prepare``: give quantized weights their GPU kernel layout (:func:`jaxfp4.prepare_weights`);
-    ``None``: when the default backend is a GPU, ``backend`` is not ``"xla"`` and there is no ``tp``.
+    ``fuse``: run q/k/v and gate/up as one layer each where that is exact.
+    ``prepare``: give quantized weights their GPU kernel layout (:func:`jaxfp4.prepare_weights`;
+    under ``tp`` one per shard); ``None``: when the default backend is a GPU and ``backend`` is
+    not ``"xla"``. Make caches with :meth:`init_cache` (split like the k/v projections under ``tp``).
     """
 
     def __init__(
@@ -336,16 +389,23 @@ class Llama(nnx.Module):
         cfg = LlamaConfig.from_hf(ckpt.config)
         self.cfg, self.dtype = cfg, jnp.dtype(dtype)
         if prepare is None:
-            prepare = jax.default_backend() == "gpu" and backend != "xla" and tp is None
+            prepare = jax.default_backend() == "gpu" and backend != "xla"
         kw = dict(fuse=fuse, prepare=prepare)
         self.embed_tokens = nnx.Param(ckpt.dense["model.embed_tokens.weight"])
         self.layers = nnx.List([Block(ckpt, i, cfg, backend, tp, **kw) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(ckpt.dense["model.norm.weight"], cfg.rms_norm_eps)
         if cfg.tie_word_embeddings and "lm_head.weight" not in ckpt.dense and "lm_head" not in ckpt.quantized:
-            self.lm_head = DenseLinear(ckpt.dense["model.embed_tokens.weight"])
+            self.lm_head = DenseLinear(ckpt.dense["model.embed_tokens.weight"], tp=tp.for_module("lm_head") if tp else None)
         else:
-            self.lm_head = linear_from_checkpoint(ckpt, "lm_head", backend)
+            self.lm_head = linear_from_checkpoint(ckpt, "lm_head", backend, tp, prepare)
         self.inv_freq = nnx.Variable(rope_inv_freq(cfg))
+        self.tp = tp
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache for ``batch`` rows of up to ``max_len`` positions (split by KV heads
+        under ``tp``)."""
+        sharding = None if self.tp is None else self.tp.cache_sharding(self.cfg.num_key_value_heads)
+        return KVCache.init(self.cfg, batch, max_len, self.dtype, sharding)
 
     def __call__(self, tokens: jax.Array, pos: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         x = self.embed_tokens.get_value()[tokens].astype(self.dtype)
@@ -373,7 +433,7 @@ def _sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | 
 def _generate(graphdef, state, prompt, key, *, max_new_tokens, cache_len, temperature, top_k, eos_id):
     model = nnx.merge(graphdef, state)
     b, t0 = prompt.shape
-    cache = KVCache.init(model.cfg, b, cache_len, model.dtype)
+    cache = model.init_cache(b, cache_len)
     logits, cache = model(prompt, jnp.int32(0), cache)
     key, sub = jax.random.split(key)
     first = _sample(logits[:, -1], sub, temperature, top_k)

@@ -46,7 +46,8 @@ class Fp4Linear(nnx.Module):
       tp: optional :class:`jaxfp4.sharding.TensorParallel`: the params are placed on its mesh
         (column: split along N, row: along K) and each call runs per shard under ``shard_map``.
       kernel_layout: optional :class:`jaxfp4.ops.KernelLayout` of ``weight`` (from
-        :func:`jaxfp4.prepare_weights`) for the GPU kernel; dropped under ``tp``.
+        :func:`jaxfp4.prepare_weights`) for the GPU kernel; under ``tp`` each shard gets its own
+        (:func:`jaxfp4.sharding.shard_params` with ``prepare=True``) in place of a whole-weight one.
 
     >>> import jax, jax.numpy as jnp, jaxfp4
     >>> dense = nnx.Linear(64, 32, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)
@@ -81,7 +82,7 @@ class Fp4Linear(nnx.Module):
             input_scale=None if input_scale is None else jnp.asarray(input_scale, jnp.float32).reshape(()),
             bias=None if bias is None else jnp.asarray(bias),
             recipe=recipe,
-            kernel_layout=None if tp is not None else kernel_layout,
+            kernel_layout=kernel_layout,
         ).validate(name)
         if tp is not None:
             p = shard_params(p, tp, name)

@@ -233,7 +233,8 @@ def choose_mgpu_config(m: int, n: int, k: int, fmt: FP4Format = FP4Format.NVFP4,
 
 def uses_mgpu(params: Fp4LinearParams, m: int) -> bool:
     """Whether ``forward`` runs the Mosaic GPU kernel for ``m`` rows of activations."""
-    return params.kernel_layout is not None and m <= MGPU_MAX_M and not _interpret
+    kl = params.kernel_layout
+    return kl is not None and kl.shards == 1 and m <= MGPU_MAX_M and not _interpret
 
 
 def mgpu_linear(

@@ -45,15 +45,28 @@ class KernelLayout:
     ``codes``: uint8 ``(Np, Kp/2)``, bytes and nibbles reordered inside each 16-byte chunk
     (:func:`~jaxfp4.kernels.w4a16_mgpu.prepare_codes`); ``scales``: uint8 ``(Kp/B, Np)``, the
     block-scale bytes transposed. ``N`` is padded to a multiple of 64 and ``K`` to a multiple
-    of 128 with zero codes (which contribute nothing); ``n``, ``k`` are the unpadded sizes."""
+    of 128 with zero codes (which contribute nothing); ``n``, ``k`` are the unpadded sizes.
+
+    ``shards > 1``: the layouts of the tensor-parallel shards of the weight (each shard laid out
+    on its own, padded on its own), stacked along a new leading axis: ``codes (shards, Np, Kp/2)``,
+    ``scales (shards, Kp/B, Np)``, ``n``, ``k`` the sizes of one shard. Made by
+    :func:`jaxfp4.sharding.shard_params` with the leading axis split over the mesh axis, and read
+    only per shard, by :func:`jaxfp4.sharding.tp_linear`; the single-device kernel path ignores it."""
 
     codes: jax.Array
     scales: jax.Array
     n: int
     k: int
+    shards: int = 1
+
+    def shard(self, i: int = 0) -> KernelLayout:
+        """Shard ``i``'s layout (``shards == 1``); under ``shard_map`` the local stack has one entry."""
+        if self.shards == 1:
+            return self
+        return KernelLayout(self.codes[i], self.scales[i], self.n, self.k)
 
 
-jax.tree_util.register_dataclass(KernelLayout, data_fields=["codes", "scales"], meta_fields=["n", "k"])
+jax.tree_util.register_dataclass(KernelLayout, data_fields=["codes", "scales"], meta_fields=["n", "k", "shards"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +112,9 @@ class Fp4LinearParams:
         if self.bias is not None and tuple(self.bias.shape) != (self.weight.n,):
             raise ValueError(f"{name}: bias has shape {tuple(self.bias.shape)}, expected ({self.weight.n},)")
         kl = self.kernel_layout
-        if kl is not None and (kl.n, kl.k) != (self.weight.n, self.weight.k):
-            raise ValueError(f"{name}: kernel_layout is of a ({kl.n}, {kl.k}) weight, not {self.weight.shape}")
+        if kl is not None and self.weight.shape not in ((kl.n * kl.shards, kl.k), (kl.n, kl.k * kl.shards)):
+            of = f"{kl.shards} shards of " if kl.shards > 1 else ""
+            raise ValueError(f"{name}: kernel_layout is of {of}a ({kl.n}, {kl.k}) weight, not {self.weight.shape}")
         return self
 
 

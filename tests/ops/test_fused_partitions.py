@@ -8,9 +8,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jaxfp4
-from jaxfp4.formats import concat_partitions, quantize_nvfp4_llmcompressor
+from jaxfp4.formats import concat_partitions, quantize_mxfp4_llmcompressor, quantize_nvfp4_llmcompressor, slice_rows
 
 
 def test_per_partition_alpha_keeps_what_vllm_max_loses():
@@ -44,3 +45,17 @@ def test_per_partition_alpha_keeps_what_vllm_max_loses():
     small = slice(0, 64) if g[0] < g[1] else slice(64, 96)
     assert rel_err(theirs, small) > 0.5
     np.testing.assert_allclose(rel_err(theirs, small), 1 - g.min() / g.max(), rtol=0.05)
+
+
+def test_slice_rows_keeps_each_partitions_global_scale():
+    w = (jax.random.normal(jax.random.key(3), (96, 64), jnp.float32) * 0.1).astype(jnp.bfloat16)
+    q = quantize_nvfp4_llmcompressor([w[:32], w[32:80] * 5, w[80:] * 0.1])  # partitions (32, 48, 16)
+    full = np.asarray(jaxfp4.dequantize(q, jnp.float32))
+    for lo, hi, parts in [(0, 96, (32, 48, 16)), (16, 48, (16, 16)), (40, 88, (40, 8)), (33, 34, (1,)), (80, 96, (16,))]:
+        s = slice_rows(q, lo, hi)
+        assert s.shape == (hi - lo, 64) and s.partitions == parts and s.global_scale.shape == (len(parts),)
+        assert np.array_equal(np.asarray(jaxfp4.dequantize(s, jnp.float32)), full[lo:hi])
+    mx = quantize_mxfp4_llmcompressor(w)
+    assert np.array_equal(np.asarray(jaxfp4.dequantize(slice_rows(mx, 8, 72))), np.asarray(jaxfp4.dequantize(mx))[8:72])
+    with pytest.raises(ValueError, match=r"\[90, 100\) is not inside a weight of 96 rows"):
+        slice_rows(q, 90, 100)
