@@ -1,11 +1,13 @@
 """Where a decode step's GPU time goes: CUPTI per-kernel times of one Llama-3-8B-shaped decode step,
 bf16 vs NVFP4 W4A16 (random weights, as kernels/bench_llama.py builds them), on the GPU machine.
 
-    python kernels/profile_decode.py --out kernels/results [--layers 32] [--batch 1]
+    python kernels/profile_decode.py --out kernels/results [--layers 32] [--batch 1] [--tp 2]
 
 Kernels are grouped by name (XLA fusions by their kind, Mosaic GPU / Triton kernels by name), and
 the sum of kernel times is printed next to the step's wall time (scan of ``--steps`` steps, as in
-bench_llama), so the gaps between kernels show too. Writes ``decode-profile-<device>.json``.
+bench_llama), so the gaps between kernels show too. ``--tp N``: tensor parallel over N GPUs as
+bench_llama's; kernel times are then summed over the GPUs (the NCCL kernels' times include waiting
+for the peer). Writes ``decode-profile-b<batch>-<device>[-tp<N>].json``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.experimental.mosaic.gpu import profiler
 
-from jaxfp4.models.llama import KVCache, Llama
+from jaxfp4.models.llama import Llama, TPConfig
 from kernels.bench_llama import greedy_decode, llama3_8b, random_checkpoint
 
 
@@ -33,7 +35,6 @@ def kind(name: str) -> str:
 
 def profile(model: Llama, batch: int, context: int, steps: int) -> dict:
     graphdef, state = nnx.split(model)
-    cfg = model.cfg
 
     @jax.jit
     def one(state, cache, tok, pos):
@@ -42,7 +43,7 @@ def profile(model: Llama, batch: int, context: int, steps: int) -> dict:
 
     many = greedy_decode(graphdef, steps)
 
-    cache = KVCache.init(cfg, batch, context + steps, model.dtype)
+    cache = model.init_cache(batch, context + steps)
     tok, pos = jnp.ones((batch,), jnp.int32), jnp.int32(context)
     _, timings = profiler.measure(one, aggregate=False)(state, cache, tok, pos)
     groups = collections.defaultdict(lambda: [0, 0.0])
@@ -74,14 +75,20 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--no-fuse", action="store_true")
+    ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--out", default="kernels/results")
     args = ap.parse_args()
     cfg = llama3_8b(args.layers, args.vocab)
     device = jax.devices()[0].device_kind
-    result = {"device": device, "jax": jax.__version__, "args": vars(args), "models": {}}
+    result = {"device": device, "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "args": vars(args)}
+    result["models"] = {}
+    tp = None
+    if args.tp > 1:
+        auto = (jax.sharding.AxisType.Auto,)
+        tp = TPConfig(jax.make_mesh((args.tp,), ("model",), axis_types=auto, devices=jax.devices()[: args.tp]))
     for fp4 in (False, True):
         name = "nvfp4_w4a16" if fp4 else "bf16"
-        model = Llama(random_checkpoint(cfg, fp4), dtype=jnp.bfloat16, fuse=not args.no_fuse)
+        model = Llama(random_checkpoint(cfg, fp4), dtype=jnp.bfloat16, fuse=not args.no_fuse, tp=tp)
         r = profile(model, args.batch, args.context, args.steps)
         del model
         result["models"][name] = r
@@ -89,7 +96,7 @@ def main() -> None:
         for g in r["groups"][:16]:
             print(f"  {g['us']:9.1f} us  {g['count']:4d}x  {g['name']}")
     os.makedirs(args.out, exist_ok=True)
-    tag = device.replace(" ", "_")
+    tag = device.replace(" ", "_") + (f"-tp{args.tp}" if args.tp > 1 else "")
     with open(os.path.join(args.out, f"decode-profile-b{args.batch}-{tag}.json"), "w") as f:
         json.dump(result, f, indent=1)
 
