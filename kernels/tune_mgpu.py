@@ -79,6 +79,11 @@ def main() -> None:
     ap.add_argument("--formats", default="nvfp4")
     ap.add_argument("--budget-s", type=float, default=300.0)
     ap.add_argument("--write-configs", default=None, help="merge the best configs into this tuned-config file")
+    ap.add_argument(
+        "--compare-inflight",
+        action="store_true",
+        help="only the chosen (tuned or heuristic) config, with and without a wgmma left running across steps",
+    )
     args = ap.parse_args()
     out = os.environ.get("OUT", ".")
     dev = jax.devices()[0].device_kind
@@ -105,7 +110,11 @@ def main() -> None:
                 tried = {str(heur): ref_us}
                 print(f"{fname} M={m} K={k} N={n}: bf16 {bf16:.1f} us; heuristic {heur} {ref_us:.1f} us", flush=True)
                 best = (ref_us, heur)
-                for cfg in [dataclasses.replace(heur, ctas=0), *candidates(m, n, k, sms)]:
+                if args.compare_inflight:
+                    tries = [dataclasses.replace(heur, inflight=1 - heur.inflight)]
+                else:
+                    tries = [dataclasses.replace(heur, ctas=0), *candidates(m, n, k, sms)]
+                for cfg in tries:
                     if str(cfg) in tried or time.time() - t0 > args.budget_s:
                         continue
                     try:

@@ -70,14 +70,21 @@ _ROW_LAYOUT = plgpu.Layout.WGMMA.reduce(1)  # a [64] vector: each thread holds i
 @dataclasses.dataclass(frozen=True)
 class MgpuConfig:
     """``bk`` K elements per pipeline step (a multiple of 128); ``split_k`` K partitions;
-    ``stages`` TMA pipeline depth; ``ctas`` the persistent grid's size (see :func:`_build`).
-    Weight rows per unit of work are fixed at 64 (one warpgroup)."""
+    ``stages`` TMA pipeline depth; ``ctas`` the persistent grid's size (see :func:`_build`);
+    ``inflight`` wgmma groups left running across a pipeline step (0: each step waits for its
+    products; 1: the step's last wgmma overlaps the next step's weight expansion, and the
+    activation tile's buffer is released one step later). Weight rows per unit of work are
+    fixed at 64 (one warpgroup). On the H100, ``inflight=1`` was slower in every case measured
+    (M = 1: 4-26%, four Llama-3-8B layer shapes with their tuned configs; M = 128 and 4096 with
+    two-stage configs: 1.6-1.8x; ``kernels/results/tune-mgpu-*.json``, fourth run), so the
+    default waits; ``kernels/tune_mgpu.py --compare-inflight`` re-measures it."""
 
     bk: int = 512
     split_k: int = 1
     stages: int = 4
     dequant: str = "ptx"  # "none": a lab diagnostic that skips the expansion math (wrong values)
     ctas: int = 0  # CTAs of the persistent grid (0: one per unit of work, see _build)
+    inflight: int = 0
 
 
 def token_tile(m: int) -> int:
@@ -261,6 +268,8 @@ def _check(x: jax.Array, codes: jax.Array, cfg: MgpuConfig, out_bytes: int, mx: 
     np_ = codes.shape[0]
     if cfg.bk % SUB_K or k % (cfg.bk * cfg.split_k) or np_ % ROWS or codes.shape[1] * 2 != k or input_rows(m) != m:
         raise ValueError(f"bad shapes for the Mosaic GPU kernel: x {x.shape}, codes {codes.shape}, {cfg}")
+    if cfg.inflight not in (0, 1) or cfg.stages <= cfg.inflight:
+        raise ValueError(f"{cfg}: inflight must be 0 or 1 and below stages")
     need = smem_bytes(token_tile(m), cfg.bk, cfg.stages, out_bytes, 32 if mx else 16)
     if need > SMEM_LIMIT:
         raise ValueError(
@@ -315,11 +324,13 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
                     srows = tuple(plgpu.load(s_smem.at[sub * sb_sub + b], (), layout=_ROW_LAYOUT) for b in range(sb_sub))
                     a = expand_tile(wt, srows, mx=mx, math=cfg.dequant != "none")
                     plgpu.wgmma(acc, a, x_smem.at[:, pl.ds(sub * SUB_K, SUB_K)].T)
-                plgpu.wgmma_wait(0)
+                plgpu.wgmma_wait(cfg.inflight)
 
                 @pl.when(j == steps - 1)
                 def _store():
                     ni, mi, si = unit(t)
+                    if cfg.inflight:
+                        plgpu.wgmma_wait(0)
                     res = acc[...]
                     acc[...] = plgpu.layout_cast(jnp.zeros((ROWS, mt), jnp.float32), plgpu.Layout.WGMMA)
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last unit's store has read o_smem
@@ -339,7 +350,10 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
 
             x_swz, w_swz = _swizzled(jnp.bfloat16, 128), _swizzled(jnp.uint8, 64)
             specs = [
-                plgpu.BlockSpec((mt, bk), lambda t, j: (unit(t)[1], kstep(t, j)), transforms=x_swz),
+                # read by wgmma from shared memory: released once no wgmma of its step can be running
+                plgpu.BlockSpec(
+                    (mt, bk), lambda t, j: (unit(t)[1], kstep(t, j)), transforms=x_swz, delay_release=cfg.inflight
+                ),
                 plgpu.BlockSpec((ROWS, bk // 2), lambda t, j: (unit(t)[0], kstep(t, j)), transforms=w_swz),
                 plgpu.BlockSpec((bk // blk, ROWS), lambda t, j: (kstep(t, j), unit(t)[0])),
             ]

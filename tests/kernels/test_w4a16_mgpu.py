@@ -156,6 +156,8 @@ def test_mgpu_kernel_lowers_for_cuda_on_cpu_install(mx):
         (304, 64, 512, K.MgpuConfig(128, 2, 2)),
         (1, 256, 1024, K.MgpuConfig(256, 2, 4, ctas=3)),  # persistent: 8 units over 3 CTAs
         (304, 128, 512, K.MgpuConfig(128, 1, 2, ctas=3)),  # 4 units (2 row x 2 token tiles) over 3
+        (1, 256, 1024, K.MgpuConfig(256, 2, 4, ctas=3, inflight=1)),  # a wgmma left running across steps
+        (64, 64, 2048, K.MgpuConfig(256, 1, 3, inflight=1)),
     ]
     for m, n, k, cfg in cases:
         args = [
@@ -181,6 +183,7 @@ def test_mgpu_kernel_lowers_for_cuda_on_cpu_install(mx):
         (5, 256, K.MgpuConfig(256, 2, 2), False, "bad shapes"),  # K not a multiple of bk * split_k
         (5, 512, K.MgpuConfig(256, 2, 2), True, "split_k == 1"),  # the fused epilogue needs one split
         (256, 512, K.MgpuConfig(128, 1, 3), False, "shared memory"),  # 3 x 69 KiB stages + 64 KiB out
+        (5, 512, K.MgpuConfig(256, 1, 1, inflight=1), False, "inflight"),  # needs a second stage
     ],
 )
 def test_mgpu_kernel_rejects_bad_shapes(m, k, cfg, fused, match):
@@ -212,6 +215,10 @@ def test_mgpu_kernel_rejects_bad_shapes(m, k, cfg, fused, match):
         (16, 448, 2048, K.MgpuConfig(512, 1, 4, ctas=4)),  # 7 units: 2, 2, 2, 1; fused epilogue
         (300, 192, 512, K.MgpuConfig(128, 1, 2, ctas=5)),  # 3 row x 2 token tiles over 5 CTAs
         (8, 128, 4096, K.MgpuConfig(256, 4, 8, ctas=2)),  # 8 units, 4 each; deeper than a unit
+        # A wgmma left running across steps (and across units of a persistent CTA).
+        (1, 320, 1024, K.MgpuConfig(256, 2, 3, ctas=3, inflight=1)),
+        (16, 448, 2048, K.MgpuConfig(512, 1, 4, ctas=4, inflight=1)),
+        (300, 128, 512, K.MgpuConfig(128, 1, 2, inflight=1)),
     ],
 )
 def test_mgpu_kernel_equals_exact_product_on_gpu(fmt, m, n, k, cfg):
