@@ -22,7 +22,14 @@ Two ways to run them, same params:
   is;
 * :func:`tp_linear` (used by :class:`jaxfp4.nn.Fp4Linear` when given a :class:`TensorParallel`)
   runs :func:`jaxfp4.fp4_linear` per shard under ``shard_map`` with explicit collectives: this is
-  how the Pallas kernels (custom calls XLA cannot partition) run sharded.
+  how the Pallas kernels (custom calls XLA cannot partition) run sharded. ``shard_params(...,
+  prepare=True)`` gives each shard its own GPU kernel layout (made on the shard's device), so each
+  device runs the Mosaic GPU kernel on its slice.
+
+Layers that read the same input (q/k/v, gate/up) stay one layer under column parallelism with
+their rows shard-major (:func:`fuse_columns`, :func:`shard_major` for dense weights): each device
+computes its own slice of every part, and :func:`split_columns` cuts the output back into parts.
+Dense layers follow the same plan through :func:`dense_specs` and XLA's partitioner.
 """
 
 from __future__ import annotations
@@ -205,12 +212,9 @@ def tp_linear(
     lead = (None,) * (x.ndim - 1)
     bias = params.bias
 
-    def localize(p: Fp4LinearParams) -> Fp4LinearParams:
-        return _localize(p, local)
-
     if tp.mode is Parallel.COLUMN:
         f = jax.shard_map(
-            lambda x, p: fp4_linear(x, localize(p), backend=backend),
+            lambda x, p: fp4_linear(x, _localize(p, local), backend=backend),
             mesh=tp.mesh,
             in_specs=(P(*lead, None), specs),
             out_specs=P(*lead, tp.axis),
@@ -219,7 +223,7 @@ def tp_linear(
         return f(x, params)
 
     def row(x, p):
-        return jax.lax.psum(fp4_linear(x, localize(p), backend=backend, out_dtype=jnp.float32), tp.axis)
+        return jax.lax.psum(fp4_linear(x, _localize(p, local), backend=backend, out_dtype=jnp.float32), tp.axis)
 
     # check_vma=False: Pallas calls do not annotate how their outputs vary across the mesh.
     # The bias is added once, after the sum.
@@ -275,9 +279,13 @@ def split_columns(y: jax.Array, sizes: Sequence[int], size: int) -> list[jax.Arr
     return [p.reshape(*lead, n) for p, n in zip(pieces, sizes, strict=True)]
 
 
-def dense_specs(tp: TensorParallel) -> tuple[P, P]:
+def dense_specs(tp: TensorParallel, shape: tuple[int, int]) -> tuple[P, P]:
     """Partition specs of a dense ``(N, K)`` weight and its bias ``[N]`` under ``tp`` (XLA's
-    partitioner runs the matmul and, for row parallelism, the sum across devices)."""
+    partitioner runs the matmul and, for row parallelism, the sum across devices); replicated
+    when the split dimension does not divide evenly (e.g. a vocabulary of 32001)."""
+    dim = 0 if tp.mode is Parallel.COLUMN else 1
+    if shape[dim] % tp.size:
+        return P(), P()
     if tp.mode is Parallel.COLUMN:
         return P(tp.axis, None), P(tp.axis)
     return P(None, tp.axis), P()

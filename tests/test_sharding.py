@@ -29,6 +29,7 @@ from jaxfp4.sharding import (
     Parallel,
     TensorParallel,
     checkpoint_placement,
+    dense_specs,
     fuse_columns,
     per_row_global_scale,
     shard_major,
@@ -274,3 +275,12 @@ def test_dense_llama_tensor_parallel_matches_single_device():
     l1, lt = np.asarray(logits_1), np.asarray(logits_t)  # as the FP4 model: row-parallel re-association
     assert np.max(np.abs(l1 - lt)) <= 4 * 2.0**-8 * np.max(np.abs(l1))
     assert np.array_equal(np.asarray(toks_1), np.asarray(toks_t))
+
+
+def test_dense_specs_split_or_replicate():
+    mesh = _mesh(4, 2)
+    col, row = (TensorParallel(mesh, "model", m) for m in (Parallel.COLUMN, Parallel.ROW))
+    assert dense_specs(col, (128, 64)) == (P("model", None), P("model"))
+    assert dense_specs(row, (128, 64)) == (P(None, "model"), P())
+    assert dense_specs(col, (32001, 64)) == (P(), P())  # an odd vocabulary stays whole
+    assert dense_specs(row, (128, 63)) == (P(), P())

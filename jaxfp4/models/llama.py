@@ -126,7 +126,7 @@ class DenseLinear(nnx.Module):
 
     def __init__(self, weight: jax.Array, bias: jax.Array | None = None, tp: TensorParallel | None = None):
         if tp is not None:
-            wspec, bspec = dense_specs(tp)
+            wspec, bspec = dense_specs(tp, weight.shape)
             weight = jax.device_put(weight, NamedSharding(tp.mesh, wspec))
             bias = None if bias is None else jax.device_put(bias, NamedSharding(tp.mesh, bspec))
         self.weight = nnx.Param(weight)
