@@ -168,6 +168,18 @@ def test_load_checkpoint_places_tensors_on_their_shards():
     assert set(LLAMA_PLAN.values()) == {Parallel.COLUMN, Parallel.ROW}
 
 
+def assert_same_generation(single: Llama, tp: Llama) -> None:
+    """Greedy generation by a model and its tensor-parallel twin: row-parallel o/down projections
+    re-associate float32 sums (and on a GPU the kernel configs of the shards differ), so logits
+    agree within a few bf16 ulps of the logit scale; the tokens are identical on these checkpoints."""
+    prompt = jnp.array([[1, 5, 9, 14], [3, 3, 200, 7]], jnp.int32)
+    toks_1, logits_1 = generate(single, prompt, max_new_tokens=8)
+    toks_t, logits_t = generate(tp, prompt, max_new_tokens=8)
+    l1, lt = np.asarray(logits_1), np.asarray(logits_t)
+    assert np.max(np.abs(l1 - lt)) <= 4 * 2.0**-8 * np.max(np.abs(l1))
+    assert np.array_equal(np.asarray(toks_1), np.asarray(toks_t))
+
+
 @pytest.mark.parametrize("name", ["ct-nvfp4a16", "ct-nvfp4", "ct-mxfp4a16"])
 @pytest.mark.parametrize("fuse", [True, False])
 def test_llama_tensor_parallel_matches_single_device(name, fuse):
@@ -183,14 +195,7 @@ def test_llama_tensor_parallel_matches_single_device(name, fuse):
     assert tp.layers[0].mlp.down_proj.weight.get_value().codes.sharding.spec == P(None, "model")
     assert tp.lm_head.weight.get_value().sharding.spec == P("model", None)
     assert tp.init_cache(2, 16).k.sharding.spec == P(None, None, None, "model", None)  # split by KV heads
-    prompt = jnp.array([[1, 5, 9, 14], [3, 3, 200, 7]], jnp.int32)
-    toks_1, logits_1 = generate(single, prompt, max_new_tokens=8)
-    toks_t, logits_t = generate(tp, prompt, max_new_tokens=8)
-    # Row-parallel o/down projections re-associate float32 sums: logits within a few bf16 ulps
-    # of the logit scale; tokens identical on these checkpoints.
-    l1, lt = np.asarray(logits_1), np.asarray(logits_t)
-    assert np.max(np.abs(l1 - lt)) <= 4 * 2.0**-8 * np.max(np.abs(l1))
-    assert np.array_equal(np.asarray(toks_1), np.asarray(toks_t))
+    assert_same_generation(single, tp)
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
@@ -269,12 +274,7 @@ def test_dense_llama_tensor_parallel_matches_single_device():
     qkv = tp.layers[0].self_attn.qkv
     assert qkv.sizes == (64, 32, 32) and qkv.layers[0].weight.get_value().sharding.spec == P("model", None)
     assert tp.layers[0].mlp.down_proj.weight.get_value().sharding.spec == P(None, "model")
-    prompt = jnp.array([[1, 5, 9, 14], [3, 3, 200, 7]], jnp.int32)
-    toks_1, logits_1 = generate(single, prompt, max_new_tokens=8)
-    toks_t, logits_t = generate(tp, prompt, max_new_tokens=8)
-    l1, lt = np.asarray(logits_1), np.asarray(logits_t)  # as the FP4 model: row-parallel re-association
-    assert np.max(np.abs(l1 - lt)) <= 4 * 2.0**-8 * np.max(np.abs(l1))
-    assert np.array_equal(np.asarray(toks_1), np.asarray(toks_t))
+    assert_same_generation(single, tp)
 
 
 def test_dense_specs_split_or_replicate():
