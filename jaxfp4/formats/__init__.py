@@ -37,6 +37,9 @@ from jaxfp4.formats.tensor import (
     Recipe,
     concat_partitions,
     dequantize,
+    mxfp4_as_e4m3,
+    mxfp4_e4m3_bytes,
+    mxfp4_e4m3_window,
     slice_rows,
 )
 
@@ -60,6 +63,9 @@ __all__ = [
     "encode_e4m3",
     "fake_quantize_fp8_static",
     "fake_quantize_nvfp4_activations",
+    "mxfp4_as_e4m3",
+    "mxfp4_e4m3_bytes",
+    "mxfp4_e4m3_window",
     "mxfp4_scale_exponent_llmcompressor",
     "pack_nibbles",
     "quantize_fp8_static",

@@ -162,6 +162,28 @@ def unpack_nibbles(packed: jax.Array) -> jax.Array:
     return jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
+def interleave(even: jax.Array, odd: jax.Array) -> jax.Array:
+    """Two arrays ``[..., J]`` of one dtype -> ``[..., 2J]`` with ``even`` at positions ``2j`` and
+    ``odd`` at ``2j + 1`` (the inverse of splitting a byte's low and high nibble values).
+
+    For 1- and 2-byte dtypes the pair is packed into one unsigned word of twice the width (low
+    half = ``even``: bitcasts are little-endian, as NumPy's views are on every platform JAX runs
+    on) and bitcast back, so that XLA writes whole words; a ``stack`` made XLA:GPU's
+    dequantization fusion write single elements at about a third of the HBM bandwidth. Bits are
+    moved, never converted: the result equals the ``stack`` form bit for bit.
+    """
+    if even.shape != odd.shape or even.dtype != odd.dtype:
+        raise ValueError(f"interleave needs equal shapes and dtypes, got {even.shape} {even.dtype}, {odd.shape} {odd.dtype}")
+    size = jnp.dtype(even.dtype).itemsize
+    if size not in (1, 2):
+        return jnp.stack([even, odd], axis=-1).reshape(*even.shape[:-1], even.shape[-1] * 2)
+    half, word = (jnp.uint8, jnp.uint16) if size == 1 else (jnp.uint16, jnp.uint32)
+    lo = jax.lax.bitcast_convert_type(even, half).astype(word)
+    hi = jax.lax.bitcast_convert_type(odd, half).astype(word)
+    packed = lo | (hi << (8 * size))
+    return jax.lax.bitcast_convert_type(packed, even.dtype).reshape(*even.shape[:-1], even.shape[-1] * 2)
+
+
 def encode_e4m3(x: jax.Array) -> jax.Array:
     """float32 -> ``float8_e4m3fn``: clamp to +-448, then round to nearest even.
 

@@ -90,6 +90,22 @@ def test_pack_unpack_roundtrip_and_matches_xla_bitcast():
     assert np.array_equal(np.asarray(jax.lax.bitcast_convert_type(as_f4, jnp.uint8)), packed)
 
 
+@pytest.mark.parametrize("dtype", [jnp.uint8, jnp.float8_e4m3fn, jnp.bfloat16, jnp.float16, jnp.float32])
+def test_interleave_equals_stack_bit_for_bit(dtype):
+    """The word-packing form (1- and 2-byte dtypes) and the stack form give the same bits,
+    including NaN payloads and -0.0 (bits are moved, never converted)."""
+    rng = np.random.default_rng(2)
+    size = jnp.dtype(dtype).itemsize
+    uint = {1: np.uint8, 2: np.uint16, 4: np.uint32}[size]
+    bits = rng.integers(0, np.iinfo(uint).max, size=(2, 5, 24), dtype=uint, endpoint=True)
+    even, odd = (jax.lax.bitcast_convert_type(jnp.asarray(b), dtype) for b in bits)
+    got = codecs.interleave(even, odd)
+    want = np.stack([bits[0], bits[1]], axis=-1).reshape(5, 48)
+    assert got.dtype == dtype and got.shape == (5, 48)
+    assert np.array_equal(np.asarray(jax.lax.bitcast_convert_type(got, uint)), want)
+    assert np.array_equal(np.asarray(jax.lax.bitcast_convert_type(jax.jit(codecs.interleave)(even, odd), uint)), want)
+
+
 def test_pack_rejects_odd_and_unpack_rejects_non_uint8():
     with pytest.raises(ValueError, match="even"):
         codecs.pack_nibbles(jnp.zeros((3,), jnp.uint8))
