@@ -38,16 +38,22 @@ from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jaxfp4.formats import (
     MXFP4W4A8,
     NVFP4W4A4,
     FP4Format,
     codecs,
+    dequantize,
     fake_quantize_nvfp4_activations,
+    mxfp4_as_e4m3,
+    mxfp4_e4m3_bytes,
+    mxfp4_e4m3_window,
     quantize_fp8_static,
 )
 from jaxfp4.ops.params import Fp4LinearParams, KernelLayout
+from jaxfp4.ops.xla import gemm_weight
 
 NAME = "pallas"
 _CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "kernels" / "configs"
@@ -231,10 +237,73 @@ def choose_mgpu_config(m: int, n: int, k: int, fmt: FP4Format = FP4Format.NVFP4,
     return K.MgpuConfig(bk, split, stages, ctas=-(-units // per_cta))
 
 
-def uses_mgpu(params: Fp4LinearParams, m: int) -> bool:
+# Rows of activations from which ``forward`` expands the weight once per call and runs XLA's
+# tensor-core GEMM (cuBLAS) on it instead of an FP4 kernel: ``"bf16"`` for W4A16 / W4A4 (the
+# reference's bf16 weight), ``"fp8"`` for MXFP4 W4A8 (an exact FP8 weight on the FP8 tensor cores,
+# see :func:`dense_forward`). At large M the GEMM is compute-bound and expanding costs one pass over
+# the weight (read 4.5 bits, write 16 or 8 per element: 65 us for 4096 x 14336 to bf16), while the
+# Mosaic GPU kernel repeats its expansion for every token tile. Measured on the H100 by CUPTI
+# (kernels/results/prefill-probe-*.json), W4A16 dense vs kernel: M = 512 169.7 vs 166.7 us
+# (4096 x 14336), M = 768 0.66-0.68x vs 0.57-0.64x of bf16 (three Llama shapes), M = 4096 0.92x vs
+# 0.64x; W4A8 (FP8 GEMM): M = 768 a tie, M = 1024 and up the dense path.
+DENSE_MIN_M = {"bf16": 768, "fp8": 1024}
+
+
+def uses_dense(m: int, acts: str = "bf16") -> bool:
+    """Whether ``forward`` runs the expand-then-GEMM path for ``m`` rows (``acts`` as
+    :data:`DENSE_MIN_M`)."""
+    return m >= DENSE_MIN_M[acts]
+
+
+def uses_mgpu(params: Fp4LinearParams, m: int, acts: str = "bf16") -> bool:
     """Whether ``forward`` runs the Mosaic GPU kernel for ``m`` rows of activations."""
     kl = params.kernel_layout
-    return kl is not None and kl.shards == 1 and m <= MGPU_MAX_M and not _interpret
+    return kl is not None and kl.shards == 1 and m <= MGPU_MAX_M and not _interpret and not uses_dense(m, acts)
+
+
+def dense_forward(
+    x2: jax.Array, params: Fp4LinearParams, acts: str, bias: jax.Array | None, out_dtype: jnp.dtype
+) -> jax.Array:
+    """``(M, N)`` by XLA's GEMM on the weight expanded once (the large-M path).
+
+    * ``acts == "bf16"`` (W4A16; W4A4 after its activation quantization): ``x2 @ W.T`` with ``W``
+      the "xla" reference's own bf16 weight (``q * s * alpha`` rounded per element,
+      :func:`jaxfp4.ops.xla.gemm_weight`) and float32 accumulation: the reference's arithmetic,
+      up to summation order. An optimization barrier keeps XLA from fusing the expansion into
+      its GEMM's operand loads (which repeats it per output tile).
+    * ``acts == "fp8"`` (MXFP4 W4A8; ``x2`` the FP8 activation codes): the weight as exact E4M3
+      values times one power of two (:func:`jaxfp4.formats.mxfp4_as_e4m3`), an E4M3 x E4M3
+      GEMM with float32 accumulation, then ``input_scale * 2**shift`` on the float32 sum (as the
+      kernels apply the activation scale). The scale-only window test picks the FP8 GEMM at run
+      time (``lax.cond``; the E4M3 weight is made inside the branch); outside it the per-value
+      check of ``mxfp4_as_e4m3`` decides, and a weight E4M3 cannot hold runs the same product in
+      bf16 (exact values there too). All branches are compiled.
+    """
+    w = params.weight
+    dims = (((1,), (1,)), ((), ()))
+    if acts == "fp8":
+        shift, window = mxfp4_e4m3_window(w)
+        scale = params.input_scale.astype(jnp.float32).reshape(())
+
+        def fp8(x8: jax.Array) -> jax.Array:
+            w8 = lax.optimization_barrier(mxfp4_e4m3_bytes(w, shift))  # made in the branch: not copied into it
+            y = lax.dot_general(x8, w8, dims, preferred_element_type=jnp.float32)
+            return _epilogue(y, scale * codecs.ldexp_f32(jnp.float32(1.0), shift), bias, out_dtype)
+
+        def bf16(x8: jax.Array) -> jax.Array:
+            xb = codecs.decode_e4m3(x8).astype(jnp.bfloat16)  # exact
+            wb = lax.optimization_barrier(dequantize(w, jnp.bfloat16))  # exact: q * 2**(e-127)
+            return _epilogue(lax.dot_general(xb, wb, dims, preferred_element_type=jnp.float32), scale, bias, out_dtype)
+
+        def checked(x8: jax.Array) -> jax.Array:  # outside the window: exact value by value?
+            return lax.cond(mxfp4_as_e4m3(w)[2], fp8, bf16, x8)
+
+        return lax.cond(window, fp8, checked, x2)
+    wq = lax.optimization_barrier(gemm_weight(w, jnp.bfloat16))
+    y = lax.dot_general(x2, wq, dims, preferred_element_type=jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(out_dtype)
 
 
 def mgpu_linear(
@@ -270,8 +339,9 @@ def mgpu_linear(
 
 
 def _epilogue(y: jax.Array, alpha: jax.Array, bias: jax.Array | None, out_dtype: jnp.dtype) -> jax.Array:
-    """float32 ``y (M, N)`` times the row multipliers ``alpha``, plus ``bias``, in ``out_dtype``."""
-    y = y * alpha[None, :]
+    """float32 ``y (M, N)`` times the row multipliers ``alpha`` (``(N,)`` or a scalar), plus
+    ``bias``, in ``out_dtype``."""
+    y = y * alpha
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(out_dtype)
@@ -319,7 +389,9 @@ def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None, out_d
         x2 = quantize_fp8_static(x2, params.input_scale)  # FP8 codes; the scale goes to the epilogue
         alpha = alpha * params.input_scale
         acts = "fp8"
-    if uses_mgpu(params, x2.shape[0]):
+    if uses_dense(x2.shape[0], acts) and (_interpret or _on_gpu()):
+        y = dense_forward(x2, params, acts, bias, out_dtype)
+    elif uses_mgpu(params, x2.shape[0], acts):
         if acts == "fp8":
             x2 = codecs.decode_e4m3(x2).astype(jnp.bfloat16)  # exact
         y = mgpu_linear(x2, params.kernel_layout, w.format is FP4Format.MXFP4, alpha, bias, out_dtype)

@@ -1,0 +1,182 @@
+"""FP8 GEMM probe (run on the GPU machine): which way of writing the W4A8 large-M product makes
+XLA:GPU run one cuBLAS FP8 GEMM with the scales and the bf16 cast in its epilogue, and what the
+pieces around it cost.
+
+Per M (K x N = 4096 x 14336 by default), the GPU time per layer (CUPTI, ``COPIES`` distinct
+weights) of:
+
+* ``bf16``: the bf16 dot (baseline, same run);
+* ``fp8_f32``: ``dot(x8, w8) -> float32``, alone;
+* ``fp8_f32_epi``: the same times the scalar scale, cast to bf16 (two ops if XLA does not fuse);
+* ``fp8_scaled``: ``dot(x8.astype(bf16) * sx, w8.astype(bf16) * sw) -> float32 -> bf16`` (XLA's
+  FP8 GEMM pattern with operand scales);
+* ``fp8_scaled32``: the same with float32 converts and scales;
+* ``fp8_scaled32_out``: the same with the dot's output in bf16; ``fp8_f8_out``: the FP8 dot
+  with a bf16 output and no scales (a speed bound only: it rounds before scaling);
+* ``act_quant``: ``quantize_fp8_static`` of the activations alone; ``e4m3``: ``mxfp4_as_e4m3``;
+* once: ``e4m3`` (``mxfp4_as_e4m3``), its bytes alone (``e4m3_bits``) and exactness alone
+  (``e4m3_exact``), the bytes by the float32 -> FP8 convert (``e4m3_float``), exactness from the
+  scales alone (``e4m3_window``);
+* ``w4a8_dense``: ``fp4_linear`` with the dense path forced (all of it); ``w4a8_nocond``: the
+  same pieces without the ``lax.cond`` on exactness.
+
+Also the custom-call targets of each compiled variant (is it ``__cublas$lt$matmul$f8``?) and
+whether ``fp8_scaled32_out`` equals ``fp8_f32_epi`` bit for bit. Writes ``$OUT/fp8-gemm-probe-<device>.json``.
+
+    PYTHONPATH=. python kernels/probe_fp8_gemm.py [--ms 1024,4096] [--shape 4096x14336] [--ops bf16,w4a8_dense]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxfp4
+from jaxfp4.formats import MXFP4W4A8, FP4Format, codecs, mxfp4_as_e4m3, quantize_fp8_static
+from kernels.bench_gemm import COPIES, gpu_us, random_weight
+from kernels.probe_prefill import forced
+
+DIMS = (((1,), (1,)), ((), ()))
+SX = 0.02
+
+
+def _f32(x8, w8):
+    return jax.lax.dot_general(x8, w8, DIMS, preferred_element_type=jnp.float32)
+
+
+def _f32_epi(x8, w8):
+    return (_f32(x8, w8) * jnp.float32(SX * 2.0**-3)).astype(jnp.bfloat16)
+
+
+def _scaled(x8, w8):
+    xs = x8.astype(jnp.bfloat16) * jnp.bfloat16(SX)
+    ws = w8.astype(jnp.bfloat16) * jnp.bfloat16(2.0**-3)
+    return jax.lax.dot_general(xs, ws, DIMS, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+
+
+def _scaled32(x8, w8):
+    xs = x8.astype(jnp.float32) * jnp.float32(SX)
+    ws = w8.astype(jnp.float32) * jnp.float32(2.0**-3)
+    return jax.lax.dot_general(xs, ws, DIMS, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+
+
+def _scaled32_out(x8, w8):
+    """The scaled form with the GEMM's own output in bf16 (cuBLAS scales and casts in its epilogue)."""
+    xs = x8.astype(jnp.float32) * jnp.float32(SX)
+    ws = w8.astype(jnp.float32) * jnp.float32(2.0**-3)
+    return jax.lax.dot_general(xs, ws, DIMS, preferred_element_type=jnp.bfloat16)
+
+
+def _f8_out(x8, w8):
+    return jax.lax.dot_general(x8, w8, DIMS, preferred_element_type=jnp.bfloat16)
+
+
+def _e4m3_bits(q):
+    return mxfp4_as_e4m3(q)[0]
+
+
+def _e4m3_exact(q):
+    return mxfp4_as_e4m3(q)[2]
+
+
+def _w4a8_nocond(x, p):
+    """The dense W4A8 path without its ``lax.cond`` (the FP8 branch only): what the cond costs."""
+    x8 = quantize_fp8_static(x, p.input_scale)
+    w8, shift, _ = mxfp4_as_e4m3(p.weight)
+    y = jax.lax.dot_general(x8, w8, DIMS, preferred_element_type=jnp.float32)
+    return (y * (p.input_scale.astype(jnp.float32).reshape(()) * jnp.exp2(shift.astype(jnp.float32)))).astype(x.dtype)
+
+
+def _e4m3_float(q):
+    """The E4M3 bytes by the float route: E2M1 decoded, times ``2**j``, XLA's float32 -> FP8 convert."""
+    n, k = q.shape
+    e = codecs.e8m0_exponent(q.scales)
+    j = jnp.clip(e - (jnp.max(e) - 6), -64, 64)[..., None]
+    c = q.codes.reshape(n, k // 32, 16)
+    pair = [codecs.ldexp_f32(codecs.decode_e2m1(v), j).astype(jnp.float8_e4m3fn) for v in (c & 0xF, c >> 4)]
+    return codecs.interleave(*pair).reshape(n, k)
+
+
+def _e4m3_window(q):
+    """Exactness from the scales alone (sufficient, not necessary): every block within 14 binades."""
+    e = codecs.e8m0_exponent(q.scales)
+    return jnp.all(e >= jnp.max(e) - 14)
+
+
+def targets(f, *args) -> list[str]:
+    text = jax.jit(f).lower(*args).compile().as_text()
+    return sorted(set(re.findall(r'custom_call_target="([^"]+)"', text)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ms", default="1024,4096")
+    ap.add_argument("--shape", default="4096x14336")
+    ap.add_argument("--ops", default="", help="comma-separated subset of the timed variants (default: all)")
+    args = ap.parse_args()
+    out = os.environ.get("OUT", ".")
+    device = jax.devices()[0].device_kind
+    k, n = (int(v) for v in args.shape.split("x"))
+    key = jax.random.key(0)
+    wb = [jax.random.normal(jax.random.fold_in(key, i), (n, k), jnp.bfloat16) for i in range(COPIES)]
+    w8 = [(w * 8).astype(jnp.float8_e4m3fn) for w in wb]
+    qs = [random_weight(jax.random.fold_in(key, 100 + i), n, k, FP4Format.MXFP4) for i in range(COPIES)]
+    ps = [jaxfp4.prepare_weights(jaxfp4.make_params(q, MXFP4W4A8(), input_scale=SX)) for q in qs]
+    records, info = [], {}
+    for name, fn in (
+        ("e4m3", mxfp4_as_e4m3),
+        ("e4m3_bits", _e4m3_bits),
+        ("e4m3_exact", _e4m3_exact),
+        ("e4m3_float", _e4m3_float),
+        ("e4m3_window", _e4m3_window),
+    ):
+        if args.ops and name not in args.ops.split(","):
+            continue
+        _, us = gpu_us(lambda x, q, fn=fn: fn(q), None, qs)
+        records.append(dict(M=0, K=k, N=n, backend=name, us=us))
+        print(f"{name} {us:.1f} us", flush=True)
+    for m in (int(v) for v in args.ms.split(",")):
+        x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
+        x8 = quantize_fp8_static(x, jnp.float32(SX))
+        ops = {
+            "bf16": (lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype), x, wb),
+            "fp8_f32": (_f32, x8, w8),
+            "fp8_f32_epi": (_f32_epi, x8, w8),
+            "fp8_scaled": (_scaled, x8, w8),
+            "fp8_scaled32": (_scaled32, x8, w8),
+            "fp8_scaled32_out": (_scaled32_out, x8, w8),
+            "fp8_f8_out": (_f8_out, x8, w8),
+            "act_quant": (lambda x, w: quantize_fp8_static(x, jnp.float32(SX)), x, wb[:4]),
+            "w4a8_dense": (forced(1), x, ps),
+            "w4a8_nocond": (_w4a8_nocond, x, ps),
+        }
+        times = {}
+        for name, (op, xx, ws) in ops.items():
+            if args.ops and name not in args.ops.split(","):
+                continue
+            try:
+                _, times[name] = gpu_us(op, xx, ws)
+            except Exception as e:  # recorded, not fatal: the probe asks what works
+                print(f"  {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            records.append(dict(M=m, K=k, N=n, backend=name, us=times[name]))
+            if m == int(args.ms.split(",")[0]) and name.startswith("fp8"):
+                info[name] = targets(op, xx, ws[0])
+        ref = np.asarray(jax.jit(_f32_epi)(x8, w8[0]))
+        same = bool(np.array_equal(np.asarray(jax.jit(_scaled32_out)(x8, w8[0])), ref))
+        info[f"scaled32_out_equals_f32_epi_M{m}"] = same
+        print(f"M={m} " + " ".join(f"{b} {t:.1f}" for b, t in times.items()) + f" | same {same}", flush=True)
+    print(json.dumps(info), flush=True)
+    with open(f"{out}/fp8-gemm-probe-{device.replace(' ', '_')}.json", "w") as f:
+        doc = {"device": device, "jax": jax.__version__, "copies": COPIES, "records": records, "info": info}
+        json.dump(doc, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
