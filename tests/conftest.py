@@ -24,4 +24,10 @@ def has_gpu() -> bool:
         return False
 
 
-requires_gpu = pytest.mark.skipif(not has_gpu(), reason="needs an NVIDIA GPU (none found)")
+_skip_without_gpu = pytest.mark.skipif(not has_gpu(), reason="needs an NVIDIA GPU (none found)")
+
+
+def requires_gpu(test):
+    """Mark a test (or class) as a GPU test: skipped cleanly without a GPU, and selected by
+    ``pytest -m gpu`` on a GPU machine (which leaves out the slow interpret-mode tests)."""
+    return pytest.mark.gpu(_skip_without_gpu(test))

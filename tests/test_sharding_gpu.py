@@ -22,7 +22,7 @@ from tests.test_sharding import assert_same_generation
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 GPUS = [d for d in jax.devices() if d.platform == "gpu"]
 
-pytestmark = pytest.mark.skipif(len(GPUS) < 2, reason="needs two GPUs")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(len(GPUS) < 2, reason="needs two GPUs")]
 
 
 def _mesh() -> jax.sharding.Mesh:
