@@ -220,11 +220,17 @@ def plot(result: dict, path: str) -> None:
     except ImportError:
         return
     records = result["records"]
-    labels = [f"{r['phase']} b{r['batch']}" for r in records if r["model"] == "bf16"]
-    base = [r["tokens_per_s"] for r in records if r["model"] == "bf16"]
-    fp4 = [r["tokens_per_s"] for r in records if r["model"] == "nvfp4_w4a16"]
+
+    def key(r: dict) -> tuple:  # records pair by phase, batch and run (merged files hold several runs)
+        return r["phase"], r["batch"], r.get("run", "")
+
+    fp4_of = {key(r): r["tokens_per_s"] for r in records if r["model"] == "nvfp4_w4a16"}
+    pairs = [(key(r), r["tokens_per_s"]) for r in records if r["model"] == "bf16" and key(r) in fp4_of]
+    labels = [f"{p} b{b}" + (f" ({run})" if run else "") for (p, b, run), _ in pairs]
+    base = [t for _, t in pairs]
+    fp4 = [fp4_of[k] for k, _ in pairs]
     x = np.arange(len(labels))
-    plt.figure(figsize=(7, 4))
+    plt.figure(figsize=(max(7, 1.4 * len(labels)), 4))
     plt.bar(x - 0.2, base, 0.4, label="bf16")
     plt.bar(x + 0.2, fp4, 0.4, label="NVFP4 W4A16 (jaxfp4)")
     for i, (b, f) in enumerate(zip(base, fp4, strict=True)):
