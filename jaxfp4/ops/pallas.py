@@ -168,7 +168,7 @@ def default_split(n: int, k: int, bn: int, bk: int, programs: int = 264) -> int:
 
 # Rows served by the Mosaic GPU kernel when the params carry its layout: every M. On the H100 it
 # beat the Triton kernel at M = 4096 (0.57-0.65x of bf16 vs 0.41-0.48x) and matched it at M = 128
-# (kernels/results/gemm-*.json, backends "pallas" and "pallas_triton", 2026-11-23); lower this
+# (kernels/results/history/gemm-*-2026-11-23.json, "pallas" and "pallas_triton"); lower this
 # in the kernel lab to compare.
 MGPU_MAX_M = 1 << 62
 
