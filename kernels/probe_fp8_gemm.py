@@ -13,15 +13,18 @@ weights) of:
 * ``fp8_scaled32``: the same with float32 converts and scales;
 * ``fp8_scaled32_out``: the same with the dot's output in bf16; ``fp8_f8_out``: the FP8 dot
   with a bf16 output and no scales (a speed bound only: it rounds before scaling);
-* ``act_quant``: ``quantize_fp8_static`` of the activations alone; ``e4m3``: ``mxfp4_as_e4m3``;
+* ``act_quant``: ``quantize_fp8_static`` of the activations alone; ``act_nvfp4``: W4A4's
+  ``fake_quantize_nvfp4_activations`` (vLLM mode) alone; ``e4m3``: ``mxfp4_as_e4m3``;
 * once: ``e4m3`` (``mxfp4_as_e4m3``), its bytes alone (``e4m3_bits``) and exactness alone
   (``e4m3_exact``), the bytes by the float32 -> FP8 convert (``e4m3_float``), exactness from the
   scales alone (``e4m3_window``);
 * ``w4a8_dense``: ``fp4_linear`` with the dense path forced (all of it); ``w4a8_nocond``: the
-  same pieces without the ``lax.cond`` on exactness.
+  same pieces without the ``lax.cond`` on exactness; ``w4a8_swap``: those with the GEMM's operands
+  swapped (``w8 . x8``, transposed back in the epilogue).
 
 Also the custom-call targets of each compiled variant (is it ``__cublas$lt$matmul$f8``?) and
-whether ``fp8_scaled32_out`` equals ``fp8_f32_epi`` bit for bit. Writes ``$OUT/fp8-gemm-probe-<device>.json``.
+whether ``fp8_scaled32_out`` equals ``fp8_f32_epi`` bit for bit; ``--breakdown`` lists each kernel
+of the named variants. Writes ``$OUT/fp8-gemm-probe-<device>.json``.
 
     PYTHONPATH=. python kernels/probe_fp8_gemm.py [--ms 1024,4096] [--shape 4096x14336] [--ops bf16,w4a8_dense]
 """
@@ -38,7 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxfp4
-from jaxfp4.formats import MXFP4W4A8, FP4Format, codecs, mxfp4_as_e4m3, quantize_fp8_static
+from jaxfp4.formats import (
+    MXFP4W4A8,
+    FP4Format,
+    codecs,
+    fake_quantize_nvfp4_activations,
+    mxfp4_as_e4m3,
+    quantize_fp8_static,
+)
 from kernels.bench_gemm import COPIES, gpu_us, random_weight
 from kernels.probe_prefill import forced
 
@@ -93,6 +103,15 @@ def _w4a8_nocond(x, p):
     return (y * (p.input_scale.astype(jnp.float32).reshape(()) * jnp.exp2(shift.astype(jnp.float32)))).astype(x.dtype)
 
 
+def _w4a8_swap(x, p):
+    """As ``w4a8_nocond`` with the operands swapped: ``w8 . x8`` is ``(N, M)``, transposed back in
+    the epilogue (does the GEMM's operand order decide the activation codes' layout?)."""
+    x8 = quantize_fp8_static(x, p.input_scale)
+    w8, shift, _ = mxfp4_as_e4m3(p.weight)
+    y = jax.lax.dot_general(w8, x8, DIMS, preferred_element_type=jnp.float32).T
+    return (y * (p.input_scale.astype(jnp.float32).reshape(()) * jnp.exp2(shift.astype(jnp.float32)))).astype(x.dtype)
+
+
 def _e4m3_float(q):
     """The E4M3 bytes by the float route: E2M1 decoded, times ``2**j``, XLA's float32 -> FP8 convert."""
     n, k = q.shape
@@ -119,6 +138,8 @@ def main() -> None:
     ap.add_argument("--ms", default="1024,4096")
     ap.add_argument("--shape", default="4096x14336")
     ap.add_argument("--ops", default="", help="comma-separated subset of the timed variants (default: all)")
+    ap.add_argument("--hlo", default="", help="variants whose optimized HLO (one layer) is written to $OUT")
+    ap.add_argument("--breakdown", default="", help="variants whose kernels are listed one by one (GPU us per layer)")
     args = ap.parse_args()
     out = os.environ.get("OUT", ".")
     device = jax.devices()[0].device_kind
@@ -152,9 +173,13 @@ def main() -> None:
             "fp8_scaled32": (_scaled32, x8, w8),
             "fp8_scaled32_out": (_scaled32_out, x8, w8),
             "fp8_f8_out": (_f8_out, x8, w8),
-            "act_quant": (lambda x, w: quantize_fp8_static(x, jnp.float32(SX)), x, wb[:4]),
+            # four distinct scales (arguments, not constants): four equal quantizations would be
+            # computed once and the time per layer come out a quarter of the real one
+            "act_quant": (quantize_fp8_static, x, [jnp.float32(SX * (1 + i / 64)) for i in range(4)]),
+            "act_nvfp4": (fake_quantize_nvfp4_activations, x, [jnp.float32(336.0 + i) for i in range(4)]),
             "w4a8_dense": (forced(1), x, ps),
             "w4a8_nocond": (_w4a8_nocond, x, ps),
+            "w4a8_swap": (_w4a8_swap, x, ps),
         }
         times = {}
         for name, (op, xx, ws) in ops.items():
@@ -168,6 +193,22 @@ def main() -> None:
             records.append(dict(M=m, K=k, N=n, backend=name, us=times[name]))
             if m == int(args.ms.split(",")[0]) and name.startswith("fp8"):
                 info[name] = targets(op, xx, ws[0])
+        for name in filter(None, args.hlo.split(",")):  # the optimized HLO of one layer
+            op, xx, ws = ops[name]
+            with open(f"{out}/hlo-{name}-M{m}-{k}x{n}.txt", "w") as f:
+                f.write(jax.jit(op).lower(xx, ws[0]).compile().as_text())
+        if args.breakdown:  # every kernel of the chosen variants, GPU us per layer
+            from jax.experimental.mosaic.gpu import profiler
+
+            for name in args.breakdown.split(","):
+                op, xx, ws = ops[name]
+                _, t = profiler.measure(lambda x, ws, op=op: [op(x, w) for w in ws], aggregate=False)(xx, ws)
+                per = {}
+                for kname, ms in t:
+                    per[kname] = per.get(kname, 0.0) + ms * 1e3 / len(ws)
+                info[f"breakdown_{name}_M{m}"] = per
+                top = sorted(per.items(), key=lambda kv: -kv[1])
+                print(f"  {name}: " + ", ".join(f"{kn} {v:.1f}" for kn, v in top), flush=True)
         ref = np.asarray(jax.jit(_f32_epi)(x8, w8[0]))
         same = bool(np.array_equal(np.asarray(jax.jit(_scaled32_out)(x8, w8[0])), ref))
         info[f"scaled32_out_equals_f32_epi_M{m}"] = same

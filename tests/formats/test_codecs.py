@@ -154,7 +154,9 @@ def test_ldexp_exact_over_range():
         assert np.array_equal(got, np.ldexp(codecs.E2M1_VALUES[1:8], k))
 
 
-@pytest.mark.parametrize("div", [codecs.div_exact, codecs.div_rn_integer], ids=["div_exact", "integer"])
+@pytest.mark.parametrize(
+    "div", [codecs.div_exact, codecs.div_rn_integer, codecs.div_rn_corrected], ids=["div_exact", "integer", "corrected"]
+)
 def test_div_exact_is_ieee_division_for_normal_numbers(div):
     """Both the division used on this backend and the integer long division used off the CPU
     (run here on the CPU) == numpy's IEEE float32 quotient, bit for bit: 1M random bit patterns
@@ -178,3 +180,52 @@ def test_div_exact_is_ieee_division_for_normal_numbers(div):
         assert same[keep].all(), (x[keep & ~same][:4], y[keep & ~same][:4])
     assert np.asarray(f(jnp.float32(1.0), jnp.float32(0.0))) == np.inf
     assert np.asarray(f(jnp.float32(-0.0), jnp.float32(3.0))).view(np.uint32) == 0x80000000
+
+
+def _normal_pairs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random float32 bit patterns ``a``, ``b`` whose operands and numpy quotient are normal."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    b = rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    with np.errstate(all="ignore"):
+        q = a / b
+    tiny, big = np.finfo(np.float32).tiny, np.finfo(np.float32).max
+    keep = (np.abs(a) >= tiny) & (np.abs(a) <= big) & (np.abs(b) >= tiny) & (np.abs(b) <= big)
+    keep &= (np.abs(q) >= tiny) & (np.abs(q) <= big)
+    return a[keep], b[keep], q[keep]
+
+
+def test_div_correction_fixes_candidates_up_to_32_ulp_off():
+    """The correction behind div_exact off the CPU, fed the exact quotient moved by -32..32 ulp
+    (bit steps, so across binade edges too; on the CPU the backend's own quotient is exact and
+    would test nothing): the IEEE quotient comes back, bit for bit, for ~1M pairs."""
+    a, b, q = _normal_pairs(1 << 20, 1)
+    off = np.random.default_rng(2).integers(-32, 33, q.size).astype(np.int64)
+    bits = q.view(np.uint32).astype(np.int64)
+    mag = (bits & 0x7FFFFFFF) + off  # a step away from zero on either sign
+    keep = (mag > 0x00800000) & (mag < 0x7F800000)
+    cand = ((bits & 0x80000000) | mag)[keep].astype(np.uint32).view(np.float32)
+    got = np.asarray(jax.jit(codecs._div_correct)(a[keep], b[keep], cand))
+    assert np.array_equal(got.view(np.uint32), q[keep].view(np.uint32))
+    # At the top of the range: a candidate that overflowed to +inf (one step past max) is
+    # corrected back to max; a quotient past the range keeps the backend's (documented).
+    big = np.float32(np.finfo(np.float32).max)
+    assert np.asarray(codecs._div_correct(big, np.float32(1.0), np.float32(np.inf))) == big
+    assert np.isposinf(np.asarray(codecs._div_correct(big, np.float32(0.5), np.float32(np.inf))))
+
+
+def test_div_rn_corrected_with_a_scalar_divisor_writes_no_full_size_divisor():
+    """A scalar divisor (an FP8 activation scale) stays a scalar: equal to numpy bit for bit, and
+    no optimization barrier at the activations' shape in the program (on the GPU one would be
+    written out in full: +74 us at 4096 x 14336)."""
+    a, _, _ = _normal_pairs(1 << 16, 3)
+    s = np.float32(0.0173)
+    with np.errstate(all="ignore"):
+        want = a / s
+    keep = np.isfinite(want) & (np.abs(want) >= np.finfo(np.float32).tiny)
+    for div in (codecs.div_rn_corrected, codecs.div_rn_integer):
+        got = np.asarray(jax.jit(div)(a, s))
+        assert np.array_equal(got[keep].view(np.uint32), want[keep].view(np.uint32))
+        text = jax.jit(div).lower(a, s).as_text()
+        barriers = [ln for ln in text.splitlines() if "optimization_barrier" in ln]
+        assert barriers and all(f"tensor<{a.size}x" not in ln for ln in barriers), barriers
