@@ -110,7 +110,10 @@ def _div_correct(a: jax.Array, b: jax.Array, q0: jax.Array) -> jax.Array:
 
 
 def div_rn_integer(a: jax.Array, b: jax.Array) -> jax.Array:
-    """Float32 ``a / b``, correctly rounded, with integer arithmetic (any backend).
+    """Float32 ``a / b``, correctly rounded, with integer arithmetic (any backend): no float
+    division at all, for a backend whose division is too far off for :func:`div_rn_corrected`,
+    and an independent check of it in the tests. (``div_exact`` used it off the CPU until it
+    proved compute-bound on the H100.)
 
     The 24-bit significands are divided by restoring long division (25 quotient bits plus a
     sticky remainder, all in ``uint32``) and rounded to nearest even; the exponent is the
