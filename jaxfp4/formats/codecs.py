@@ -82,8 +82,8 @@ def _div_correct(a: jax.Array, b: jax.Array, q0: jax.Array) -> jax.Array:
     exactly by wrapping, are all of it. ``k`` = the integer nearest ``R / mb`` (an estimate by
     float, then fixed exactly by the sign of ``2 (R - k mb) -+ mb``; never a tie: a quotient of
     24-bit significands is never halfway between two 24-bit ones at these ``s``), and the
-    result's significand is ``n0 + k`` (``2**24`` carries into the exponent, to infinity at the
-    top: the rounding overflowed)."""
+    result's significand is ``n0 + k``, in ``[2**23, 2**24 - 1]`` (``t <= 2**24 - 1``, so the
+    rounding never carries into the next binade)."""
     ia = jax.lax.bitcast_convert_type(a, jnp.uint32)
     ib = jax.lax.bitcast_convert_type(b, jnp.uint32)
     iq = jax.lax.bitcast_convert_type(q0, jnp.uint32)
@@ -103,7 +103,7 @@ def _div_correct(a: jax.Array, b: jax.Array, q0: jax.Array) -> jax.Array:
     k = jnp.round(r.astype(jnp.float32) / mbi.astype(jnp.float32)).astype(jnp.int32)
     r1 = r - k * mbi  # exact; 2 * r1 in (-3 mb, 3 mb)
     k = k + (2 * r1 > mbi).astype(jnp.int32) - (2 * r1 < -mbi).astype(jnp.int32)
-    n = n0.astype(jnp.int32) + k  # in [2**23, 2**24]
+    n = n0.astype(jnp.int32) + k  # in [2**23, 2**24 - 1]
     bits = ((ia ^ ib) & jnp.uint32(0x80000000)) | ((e.astype(jnp.uint32) << 23) + (n - (1 << 23)).astype(jnp.uint32))
     ok = (ea > 0) & (ea < 255) & (eb > 0) & (eb < 255) & (e > 0) & (e < 255) & (jnp.abs(d) <= 1)
     return jnp.where(ok, jax.lax.bitcast_convert_type(bits, jnp.float32), q0)
