@@ -56,6 +56,13 @@ def _div_ieee(a: jax.Array, b: jax.Array) -> jax.Array:
     return a / jax.lax.optimization_barrier(b)
 
 
+def _f32_fields(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """float32 ``x`` -> (its bits ``uint32``, biased exponent ``int32``, 24-bit significand with
+    the hidden bit ``uint32``; meaningful for normal numbers)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return bits, ((bits >> 23) & 0xFF).astype(jnp.int32), (bits & 0x7FFFFF) | 0x800000
+
+
 def div_rn_corrected(a: jax.Array, b: jax.Array) -> jax.Array:
     """Float32 ``a / b``, correctly rounded: the backend's quotient, corrected with integer
     arithmetic (any backend whose float32 division is within 32 ulp for normal operands and
@@ -84,18 +91,12 @@ def _div_correct(a: jax.Array, b: jax.Array, q0: jax.Array) -> jax.Array:
     24-bit significands is never halfway between two 24-bit ones at these ``s``), and the
     result's significand is ``n0 + k``, in ``[2**23, 2**24 - 1]`` (``t <= 2**24 - 1``, so the
     rounding never carries into the next binade)."""
-    ia = jax.lax.bitcast_convert_type(a, jnp.uint32)
-    ib = jax.lax.bitcast_convert_type(b, jnp.uint32)
-    iq = jax.lax.bitcast_convert_type(q0, jnp.uint32)
-    ea = ((ia >> 23) & 0xFF).astype(jnp.int32)
-    eb = ((ib >> 23) & 0xFF).astype(jnp.int32)
-    e0 = ((iq >> 23) & 0xFF).astype(jnp.int32)
-    ma = (ia & 0x7FFFFF) | 0x800000
-    mb = (ib & 0x7FFFFF) | 0x800000
+    ia, ea, ma = _f32_fields(a)
+    ib, eb, mb = _f32_fields(b)
+    _, e0, m0 = _f32_fields(q0)
     low = ma < mb
     e = ea - eb + 127 - low.astype(jnp.int32)  # the exact quotient's biased exponent
     s = jnp.where(low, jnp.uint32(24), jnp.uint32(23))
-    m0 = (iq & 0x7FFFFF) | 0x800000
     d = e0 - e  # the candidate's binade relative to the quotient's: -1, 0 or 1 when near it
     n0 = jnp.where(d > 0, m0 << 1, jnp.where(d < 0, m0 >> 1, m0))
     r = jax.lax.bitcast_convert_type((ma << s) - n0 * mb, jnp.int32)  # exact: |R| < 2**31
@@ -123,12 +124,8 @@ def div_rn_integer(a: jax.Array, b: jax.Array) -> jax.Array:
     # No broadcast_arrays: the integer steps broadcast as they go, so a scalar divisor stays a
     # scalar (XLA fuses it into the elementwise loop instead of writing it out at full shape).
     a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-    ia = jax.lax.bitcast_convert_type(a, jnp.uint32)
-    ib = jax.lax.bitcast_convert_type(b, jnp.uint32)
-    ea = ((ia >> 23) & 0xFF).astype(jnp.int32)
-    eb = ((ib >> 23) & 0xFF).astype(jnp.int32)
-    ma = (ia & 0x7FFFFF) | 0x800000
-    mb = (ib & 0x7FFFFF) | 0x800000
+    ia, ea, ma = _f32_fields(a)
+    ib, eb, mb = _f32_fields(b)
     # q = floor(ma * 2**25 / mb), in [2**24, 2**26): ma / mb is in (1/2, 2).
     q = (ma >= mb).astype(jnp.uint32)
     r = ma - q * mb

@@ -185,6 +185,20 @@ def repeat_per_row(v: jax.Array, partitions: tuple[int, ...], n: int) -> jax.Arr
     return jnp.repeat(v, np.asarray(partitions), total_repeat_length=n)
 
 
+def _nibbles_by_block(q: QuantizedTensor) -> tuple[jax.Array, jax.Array]:
+    """The packed codes per byte, grouped by scale block: (low nibbles = even elements, high
+    nibbles = odd elements), each ``uint8 [N, K/B, B/2]``."""
+    n, k = q.shape
+    c = q.codes.reshape(n, k // q.block_size, q.block_size // 2)
+    return c & 0xF, c >> 4
+
+
+def _block_shifts(q: QuantizedTensor, shift: jax.Array) -> jax.Array:
+    """Each MXFP4 block's exponent minus ``shift``, clipped to [-64, 64] (beyond any E4M3 use):
+    int32 ``[N, K/32, 1]``."""
+    return jnp.clip(codecs.e8m0_exponent(q.scales) - shift, -64, 64)[..., None]
+
+
 def dequantize(q: QuantizedTensor, dtype: jnp.dtype = jnp.bfloat16) -> jax.Array:
     """The ``(N, K)`` weight in ``dtype``, bit-exact with the producer's own decompression.
 
@@ -207,10 +221,7 @@ def dequantize(q: QuantizedTensor, dtype: jnp.dtype = jnp.bfloat16) -> jax.Array
     if not isinstance(q, QuantizedTensor):
         raise TypeError(f"dequantize needs a QuantizedTensor or layer params holding one, got {type(q).__name__}")
     n, k = q.shape
-    bs = q.block_size
-    # Per packed byte (low nibble = even element), grouped by scale block: [N, K/B, B/2].
-    c = q.codes.reshape(n, k // bs, bs // 2)
-    pair = [codecs.decode_e2m1(v, negative_zero=q.negative_zero) for v in (c & 0xF, c >> 4)]
+    pair = [codecs.decode_e2m1(v, negative_zero=q.negative_zero) for v in _nibbles_by_block(q)]
     if q.format is FP4Format.MXFP4:
         e = codecs.e8m0_exponent(q.scales)[..., None]
         nan = (q.scales == codecs.E8M0_NAN)[..., None]
@@ -250,11 +261,9 @@ def mxfp4_e4m3_bytes(q: QuantizedTensor, shift: jax.Array) -> jax.Array:
     which). Built as E2M1 decoded to float32, times a power of two (exact in float32), then XLA's
     float32 -> FP8 conversion: on the H100 this ran at 68 us for 4096 x 14336 where the integer
     construction took 88 (kernels/results/fp8-gemm-probe-*.json)."""
-    n, k = q.shape
-    j = jnp.clip(codecs.e8m0_exponent(q.scales) - shift, -64, 64)[..., None]  # [N, K/32, 1]
-    c = q.codes.reshape(n, k // 32, 16)
-    pair = [codecs.decode_e2m1(v, negative_zero=q.negative_zero) for v in (c & 0xF, c >> 4)]
-    return codecs.interleave(*(codecs.ldexp_f32(v, j).astype(jnp.float8_e4m3fn) for v in pair)).reshape(n, k)
+    j = _block_shifts(q, shift)
+    pair = [codecs.decode_e2m1(v, negative_zero=q.negative_zero) for v in _nibbles_by_block(q)]
+    return codecs.interleave(*(codecs.ldexp_f32(v, j).astype(jnp.float8_e4m3fn) for v in pair)).reshape(q.shape)
 
 
 def mxfp4_as_e4m3(q: QuantizedTensor) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -271,12 +280,10 @@ def mxfp4_as_e4m3(q: QuantizedTensor) -> tuple[jax.Array, jax.Array, jax.Array]:
     branches on ``exact``.
     """
     shift, window = mxfp4_e4m3_window(q)
-    n, k = q.shape
 
     def per_value(q: QuantizedTensor) -> jax.Array:
-        j = jnp.clip(codecs.e8m0_exponent(q.scales) - shift, -64, 64)[..., None]
-        c = q.codes.reshape(n, k // 32, 16)
-        oks = [_e2m1_as_e4m3_bits(v, j, q.negative_zero)[1] for v in (c & 0xF, c >> 4)]
+        j = _block_shifts(q, shift)
+        oks = [_e2m1_as_e4m3_bits(v, j, q.negative_zero)[1] for v in _nibbles_by_block(q)]
         return jnp.all(oks[0] & oks[1]) & ~jnp.any(q.scales == codecs.E8M0_NAN)
 
     exact = jax.lax.cond(window, lambda q: jnp.bool_(True), per_value, q)

@@ -300,11 +300,8 @@ def dense_forward(
             return lax.cond(mxfp4_as_e4m3(w)[2], fp8, bf16, x8)
 
         return lax.cond(window, fp8, checked, x2)
-    wq = lax.optimization_barrier(gemm_weight(w, jnp.bfloat16))
-    y = lax.dot_general(x2, wq, dims, preferred_element_type=jnp.float32)
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y.astype(out_dtype)
+    wq = lax.optimization_barrier(gemm_weight(w, jnp.bfloat16))  # alpha is in it already
+    return _epilogue(lax.dot_general(x2, wq, dims, preferred_element_type=jnp.float32), None, bias, out_dtype)
 
 
 def mgpu_linear(
@@ -339,10 +336,11 @@ def mgpu_linear(
     return _epilogue(y, alpha, bias, out_dtype)
 
 
-def _epilogue(y: jax.Array, alpha: jax.Array, bias: jax.Array | None, out_dtype: jnp.dtype) -> jax.Array:
-    """float32 ``y (M, N)`` times the row multipliers ``alpha`` (``(N,)`` or a scalar), plus
-    ``bias``, in ``out_dtype``."""
-    y = y * alpha
+def _epilogue(y: jax.Array, alpha: jax.Array | None, bias: jax.Array | None, out_dtype: jnp.dtype) -> jax.Array:
+    """float32 ``y (M, N)`` times the row multipliers ``alpha`` (``(N,)``, a scalar, or None for
+    none), plus ``bias``, in ``out_dtype``."""
+    if alpha is not None:
+        y = y * alpha
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(out_dtype)
@@ -390,7 +388,7 @@ def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None, out_d
         x2 = quantize_fp8_static(x2, params.input_scale)  # FP8 codes; the scale goes to the epilogue
         alpha = alpha * params.input_scale
         acts = "fp8"
-    if uses_dense(x2.shape[0], acts) and (_interpret or _on_gpu()):
+    if uses_dense(x2.shape[0], acts):  # (this backend runs only on a GPU or in interpret mode)
         y = dense_forward(x2, params, acts, bias, out_dtype)
     elif uses_mgpu(params, x2.shape[0], acts):
         if acts == "fp8":
