@@ -44,12 +44,13 @@ import jaxfp4
 from jaxfp4.formats import (
     MXFP4W4A8,
     FP4Format,
-    codecs,
     fake_quantize_nvfp4_activations,
     mxfp4_as_e4m3,
+    mxfp4_e4m3_bytes,
+    mxfp4_e4m3_window,
     quantize_fp8_static,
 )
-from kernels.bench_gemm import COPIES, gpu_us, random_weight
+from kernels.bench_gemm import COPIES, bf16_dot, gpu_us, random_weight
 from kernels.probe_prefill import forced
 
 DIMS = (((1,), (1,)), ((), ()))
@@ -95,37 +96,24 @@ def _e4m3_exact(q):
     return mxfp4_as_e4m3(q)[2]
 
 
-def _w4a8_nocond(x, p):
-    """The dense W4A8 path without its ``lax.cond`` (the FP8 branch only): what the cond costs."""
+def _w4a8_pieces(x, p, swap: bool = False):
+    """The dense W4A8 path without its ``lax.cond`` (the FP8 branch only): what the cond costs.
+    ``swap``: the GEMM's operands swapped, ``w8 . x8`` is ``(N, M)``, transposed back in the
+    epilogue (does the GEMM's operand order decide the activation codes' layout?)."""
     x8 = quantize_fp8_static(x, p.input_scale)
     w8, shift, _ = mxfp4_as_e4m3(p.weight)
-    y = jax.lax.dot_general(x8, w8, DIMS, preferred_element_type=jnp.float32)
-    return (y * (p.input_scale.astype(jnp.float32).reshape(()) * jnp.exp2(shift.astype(jnp.float32)))).astype(x.dtype)
-
-
-def _w4a8_swap(x, p):
-    """As ``w4a8_nocond`` with the operands swapped: ``w8 . x8`` is ``(N, M)``, transposed back in
-    the epilogue (does the GEMM's operand order decide the activation codes' layout?)."""
-    x8 = quantize_fp8_static(x, p.input_scale)
-    w8, shift, _ = mxfp4_as_e4m3(p.weight)
-    y = jax.lax.dot_general(w8, x8, DIMS, preferred_element_type=jnp.float32).T
+    y = jax.lax.dot_general(w8, x8, DIMS, preferred_element_type=jnp.float32).T if swap else _f32(x8, w8)
     return (y * (p.input_scale.astype(jnp.float32).reshape(()) * jnp.exp2(shift.astype(jnp.float32)))).astype(x.dtype)
 
 
 def _e4m3_float(q):
-    """The E4M3 bytes by the float route: E2M1 decoded, times ``2**j``, XLA's float32 -> FP8 convert."""
-    n, k = q.shape
-    e = codecs.e8m0_exponent(q.scales)
-    j = jnp.clip(e - (jnp.max(e) - 6), -64, 64)[..., None]
-    c = q.codes.reshape(n, k // 32, 16)
-    pair = [codecs.ldexp_f32(codecs.decode_e2m1(v), j).astype(jnp.float8_e4m3fn) for v in (c & 0xF, c >> 4)]
-    return codecs.interleave(*pair).reshape(n, k)
+    """The E4M3 bytes by the float route (what the dense path runs): ``mxfp4_e4m3_bytes``."""
+    return mxfp4_e4m3_bytes(q, mxfp4_e4m3_window(q)[0])
 
 
 def _e4m3_window(q):
-    """Exactness from the scales alone (sufficient, not necessary): every block within 14 binades."""
-    e = codecs.e8m0_exponent(q.scales)
-    return jnp.all(e >= jnp.max(e) - 14)
+    """Exactness from the scales alone (sufficient, not necessary): ``mxfp4_e4m3_window``."""
+    return mxfp4_e4m3_window(q)[1]
 
 
 def targets(f, *args) -> list[str]:
@@ -166,7 +154,7 @@ def main() -> None:
         x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
         x8 = quantize_fp8_static(x, jnp.float32(SX))
         ops = {
-            "bf16": (lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype), x, wb),
+            "bf16": (bf16_dot, x, wb),
             "fp8_f32": (_f32, x8, w8),
             "fp8_f32_epi": (_f32_epi, x8, w8),
             "fp8_scaled": (_scaled, x8, w8),
@@ -178,8 +166,8 @@ def main() -> None:
             "act_quant": (quantize_fp8_static, x, [jnp.float32(SX * (1 + i / 64)) for i in range(4)]),
             "act_nvfp4": (fake_quantize_nvfp4_activations, x, [jnp.float32(336.0 + i) for i in range(4)]),
             "w4a8_dense": (forced(1), x, ps),
-            "w4a8_nocond": (_w4a8_nocond, x, ps),
-            "w4a8_swap": (_w4a8_swap, x, ps),
+            "w4a8_nocond": (_w4a8_pieces, x, ps),
+            "w4a8_swap": (lambda x, p: _w4a8_pieces(x, p, swap=True), x, ps),
         }
         times = {}
         for name, (op, xx, ws) in ops.items():

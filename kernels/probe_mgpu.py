@@ -21,7 +21,7 @@ from jaxfp4.formats import MXFP4W4A16, NVFP4W4A16, FP4Format, GlobalScale, Quant
 from jaxfp4.kernels import w4a16_mgpu as K
 from jaxfp4.ops import KernelLayout
 from jaxfp4.ops.pallas import mgpu_linear
-from kernels.bench_gemm import gpu_us, time_op
+from kernels.bench_gemm import bf16_dot, gpu_us, time_op
 
 COPIES = 16
 
@@ -105,7 +105,7 @@ def timing(records, budget_s=300.0):
             params = [jaxfp4.make_params(q, recipe) for q in qs]  # no kernel layout: the Triton kernel
             for m in (1, 16) if not mx else (1,):
                 x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
-                bf16 = time_op(lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype), x, wb)
+                bf16 = time_op(bf16_dot, x, wb)
                 tri = time_op(lambda x, p: jaxfp4.fp4_linear(x, p, backend="pallas"), x, params)
                 rec = dict(kind="time", fmt=fmt.value, M=m, K=k, N=n, bf16_us=bf16, triton_us=tri, mgpu={})
                 for bk in (256, 512, 1024):

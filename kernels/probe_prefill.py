@@ -35,7 +35,7 @@ import numpy as np
 import jaxfp4
 from jaxfp4.formats import MXFP4W4A8, NVFP4W4A16, FP4Format, mxfp4_as_e4m3
 from jaxfp4.ops import pallas
-from kernels.bench_gemm import COPIES, gpu_us, random_weight
+from kernels.bench_gemm import COPIES, bf16_dot, gpu_us, random_weight
 
 SCHEMES = {"nvfp4_w4a16": (FP4Format.NVFP4, NVFP4W4A16(), None), "mxfp4_w4a8": (FP4Format.MXFP4, MXFP4W4A8(), 0.02)}
 
@@ -95,7 +95,7 @@ def main() -> None:
         for m in (int(v) for v in args.ms.split(",")):
             x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
             rec = dict(M=m, K=k, N=n)
-            ops = {"bf16": (lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype), wb)}
+            ops = {"bf16": (bf16_dot, wb)}
             for scheme, ps in params.items():
                 ops[f"{scheme}/mgpu"] = (forced(1 << 40), ps)
                 ops[f"{scheme}/dense"] = (forced(1), ps)

@@ -25,7 +25,7 @@ import jaxfp4
 from jaxfp4.formats import MXFP4W4A8, MXFP4W4A16, NVFP4W4A16, FP4Format
 from jaxfp4.kernels.w4a16_triton import BlockConfig
 from jaxfp4.ops import pallas as pallas_backend
-from kernels.bench_gemm import COPIES, fp8_candidates, random_weight, time_op
+from kernels.bench_gemm import COPIES, bf16_dot, fp8_candidates, random_weight, time_op
 
 
 def candidates(m: int, n: int, k: int, dequants: list[str], swaps: list[bool]) -> list[BlockConfig]:
@@ -76,7 +76,7 @@ def main() -> None:
             ps = [jaxfp4.make_params(q, recipe, input_scale=scale) for q in qs]
             for m in (int(v) for v in args.ms.split(",")):
                 x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
-                bf16 = time_op(lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype), x, wb)
+                bf16 = time_op(bf16_dot, x, wb)
                 ref = jax.jit(lambda x, p: jaxfp4.fp4_linear(x, p, backend="xla"))(x, ps[0])
                 print(f"== {fmt_name} M={m} K={k} N={n}: bf16 {bf16:.1f} us", flush=True)
                 swaps = [bool(int(v)) for v in args.swaps.split(",")]
