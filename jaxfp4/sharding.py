@@ -130,7 +130,9 @@ def param_specs(params: Fp4LinearParams, tp: TensorParallel) -> Fp4LinearParams:
         weight=weight,
         input_scale=None if params.input_scale is None else P(),
         bias=None if params.bias is None else (P(a) if col else P()),
-        kernel_layout=None if kl is None else dataclasses.replace(kl, codes=P(a, None, None), scales=P(a, None, None)),
+        kernel_layout=None
+        if kl is None
+        else dataclasses.replace(kl, codes=P(a, None, None), scales=P(a, None, None), row_scale=P(a, None)),
     )
 
 
@@ -165,16 +167,20 @@ def _with_shard_layouts(params: Fp4LinearParams, tp: TensorParallel) -> Fp4Linea
     if local.weight.k % CHUNK:
         return params  # as prepare_weights: a shard's K is not a multiple of the kernel's chunk
 
-    def one(p: Fp4LinearParams) -> tuple[jax.Array, jax.Array]:
+    def one(p: Fp4LinearParams) -> tuple[jax.Array, jax.Array, jax.Array]:
         kl = prepare_weights(_localize(p, local)).kernel_layout
-        return kl.codes[None], kl.scales[None]
+        return kl.codes[None], kl.scales[None], kl.row_scale[None]
 
     stacked = P(tp.axis, None, None)
     make = jax.shard_map(
-        one, mesh=tp.mesh, in_specs=(param_specs(params, tp),), out_specs=(stacked, stacked), check_vma=False
+        one,
+        mesh=tp.mesh,
+        in_specs=(param_specs(params, tp),),
+        out_specs=(stacked, stacked, P(tp.axis, None)),
+        check_vma=False,
     )
-    codes, scales = jax.jit(make)(params)
-    layout = KernelLayout(codes, scales, local.weight.n, local.weight.k, shards=tp.size)
+    codes, scales, row_scale = jax.jit(make)(params)
+    layout = KernelLayout(codes, scales, row_scale, local.weight.n, local.weight.k, shards=tp.size)
     return dataclasses.replace(params, kernel_layout=layout)
 
 

@@ -69,9 +69,7 @@ def check(records):
             q = weight(jax.random.fold_in(key, m), n, k, fmt)
             x = jax.random.normal(jax.random.fold_in(key, 1000 + m), (m, k), jnp.bfloat16)
             try:
-                y32 = mgpu_linear(
-                    x, layout(q), mx, jnp.ones((n,), jnp.float32), None, jnp.float32, cfg
-                )  # float32, for the re-association bound
+                y32 = mgpu_linear(x, layout(q), mx, None, jnp.float32, cfg)  # float32, for the re-association bound
                 y = np.asarray(y32.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
                 y32 = np.asarray(y32, np.float64)
                 ref, mag = exact_ref(x, q)
@@ -116,9 +114,7 @@ def timing(records, budget_s=300.0):
                             cfg = K.MgpuConfig(bk, split, stages)
                             try:
                                 us = time_op(
-                                    lambda x, kl, cfg=cfg, mx=mx: mgpu_linear(
-                                        x, kl, mx, jnp.ones((kl.n,), jnp.float32), None, x.dtype, cfg
-                                    ),
+                                    lambda x, kl, cfg=cfg, mx=mx: mgpu_linear(x, kl, mx, None, x.dtype, cfg),
                                     x,
                                     layouts,
                                 )

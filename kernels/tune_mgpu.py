@@ -67,8 +67,7 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[K.MgpuConfig]:
 
 def layer_us(x: jax.Array, layouts, mx: bool, cfg: K.MgpuConfig) -> tuple[float, jax.Array]:
     """GPU time of one layer (us, all its kernels) and the first layer's output."""
-    ones = jnp.ones((layouts[0].n,), jnp.float32)
-    ys, us = gpu_us(lambda x, kl: pallas.mgpu_linear(x, kl, mx, ones, None, jnp.bfloat16, cfg), x, layouts)
+    ys, us = gpu_us(lambda x, kl: pallas.mgpu_linear(x, kl, mx, None, jnp.bfloat16, cfg), x, layouts)
     return us, ys[0]
 
 
@@ -79,6 +78,12 @@ def main() -> None:
     ap.add_argument("--formats", default="nvfp4")
     ap.add_argument("--budget-s", type=float, default=300.0)
     ap.add_argument("--write-configs", default=None, help="merge the best configs into this tuned-config file")
+    ap.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="only the chosen config and its lab diagnostics (dequant none / noscale / skip: what the "
+        "layer costs without the expansion math, without the scales, with nothing but the copies)",
+    )
     ap.add_argument(
         "--compare-inflight",
         action="store_true",
@@ -112,6 +117,8 @@ def main() -> None:
                 best = (ref_us, heur)
                 if args.compare_inflight:
                     tries = [dataclasses.replace(heur, inflight=1 - heur.inflight)]
+                elif args.diagnose:
+                    tries = [dataclasses.replace(heur, dequant=d) for d in ("none", "noscale", "skip")]
                 else:
                     tries = [dataclasses.replace(heur, ctas=0), *candidates(m, n, k, sms)]
                 for cfg in tries:
@@ -126,7 +133,7 @@ def main() -> None:
                     ok = err < 2e-2  # bf16 outputs of two summation orders: ~1 bf16 ulp; a wrong tile is O(1)
                     tried[str(cfg)] = us
                     print(f"  {cfg}: {us:.1f} us ({bf16 / us:.2f}x bf16) err {err:.1e}{'' if ok else ' WRONG'}", flush=True)
-                    if ok and us < best[0]:
+                    if ok and us < best[0] and cfg.dequant == "ptx":
                         best = (us, cfg)
                 rec = dict(format=fname, M=m, K=k, N=n, bf16_us=bf16, heuristic=str(heur), us=tried, best=str(best[1]))
                 result["records"].append(rec)

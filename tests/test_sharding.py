@@ -223,6 +223,7 @@ def test_shard_params_lays_out_each_shard_for_the_kernel(fmt, mode):
         ref = jaxfp4.prepare_weights(jaxfp4.make_params(w, recipe)).kernel_layout
         assert np.array_equal(np.asarray(kl.codes[i]), np.asarray(ref.codes))
         assert np.array_equal(np.asarray(kl.scales[i]), np.asarray(ref.scales))
+        assert np.array_equal(np.asarray(kl.row_scale[i]), np.asarray(ref.row_scale))
     assert not pallas.uses_mgpu(ps, 1)  # a stack of shard layouts is only read per shard, by tp_linear
     again = shard_params(ps, tp).kernel_layout  # placing again keeps it
     assert again.shards == 2 and np.array_equal(np.asarray(again.codes), np.asarray(kl.codes))

@@ -8,8 +8,8 @@ there is one pipeline fill per CTA, not one per tile, and all CTAs can be reside
 (``MgpuConfig.ctas``). Two forms:
 
 * :func:`fp4_matmul_fused_mgpu` (K not split): the epilogue runs in the kernel: times the row
-  multipliers (global scale x ``2**c``), plus the bias, rounded to the output dtype and stored
-  transposed, so the result is ``(M, N)`` like the reference;
+  multipliers (global scale x ``2**c``), plus the bias if any, rounded to the output dtype and
+  stored transposed, so the result is ``(M, N)`` like the reference;
 * :func:`fp4_matmul_partials_mgpu` (split-K, for decode shapes with too few row tiles to fill
   the GPU): float32 partials ``[split, N, M]`` times ``2**-c``; the caller sums, transposes and
   applies the epilogue.
@@ -82,7 +82,9 @@ class MgpuConfig:
     bk: int = 512
     split_k: int = 1
     stages: int = 4
-    dequant: str = "ptx"  # "none": a lab diagnostic that skips the expansion math (wrong values)
+    # Lab diagnostics (wrong values; kernels/tune_mgpu.py --diagnose): "none" skips the expansion
+    # math, "noscale" the scale loads and conversion, "skip" everything but the pipeline's copies.
+    dequant: str = "ptx"
     ctas: int = 0  # CTAs of the persistent grid (0: one per unit of work, see _build)
     inflight: int = 0
 
@@ -221,7 +223,8 @@ def _expand_word(word: ir.Value, m01: ir.Value, m23: ir.Value, math: bool = True
 def expand_tile(w: jax.Array, scale_rows: tuple[jax.Array, ...], *, mx: bool, math: bool = True) -> jax.Array:
     """Packed bytes ``[64, SUB_K/2]`` (WGMMA_8BIT layout) and the sub-tile's scale rows
     (``[64]`` uint8 each, WGMMA row layout; 8 for NVFP4, 4 for MXFP4) -> bf16 ``[64, SUB_K]`` in
-    the WGMMA layout, K in natural order, times ``2**-c``."""
+    the WGMMA layout, K in natural order, times ``2**-c``. (No scale rows: a lab diagnostic that
+    multiplies by a constant instead.)"""
     rows, kb = w.shape
     nsb = len(scale_rows)
 
@@ -240,7 +243,9 @@ def expand_tile(w: jax.Array, scale_rows: tuple[jax.Array, ...], *, mx: bool, ma
         out = np.empty(out_shape, dtype=object)
         for rt in range(rows // 64):
             for c in range(kb // 16):  # 32-element chunks
-                if mx:
+                if not nsb:
+                    m01 = m23 = (_i32(0x7A807A80),) * 2
+                elif mx:
                     m01 = m23 = _scale_pairs(*(_scalar_i8(r) for r in srows[c].registers.flat[:2]), mx)
                 else:  # outputs 0, 1 in the chunk's first 16-block, 2, 3 in its second
                     m01 = _scale_pairs(*(_scalar_i8(r) for r in srows[2 * c].registers.flat[:2]), mx)
@@ -284,8 +289,8 @@ def work_units(m: int, np_: int, split_k: int) -> int:
 
 
 def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype):
-    """The kernel. ``epilogue`` (``(2, Np)`` float32: row multipliers, biases) or None (split-K
-    partials).
+    """The kernel. ``epilogue`` (``(1, Np)`` or ``(2, Np)`` float32: row multipliers, then biases
+    if any) or None (split-K partials).
 
     Persistent: ``G = cfg.ctas`` CTAs (0: one per unit) share the ``U`` units of work (a 64-row x
     token tile x K split; unit ``u`` = ``(si * MT + mi) * NT + ni``, weight tiles fastest) round
@@ -300,6 +305,7 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
     nsub = bk // SUB_K
     sb_sub = SUB_K // blk  # scale rows per sub-tile
     fused = epilogue is not None
+    biased = fused and epilogue.shape[0] == 2
     nt, mtiles = np_ // ROWS, mp // mt
     units = work_units(m, np_, split)
     ctas = min(units, cfg.ctas) if cfg.ctas > 0 else units
@@ -319,9 +325,12 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
         def with_acc(acc):
             def body(idx, x_smem, w_smem, s_smem, *e_smem):
                 t, j = idx
-                for sub in range(nsub):
+                for sub in range(nsub if cfg.dequant != "skip" else 0):
                     wt = plgpu.load(w_smem.at[:, pl.ds(sub * SUB_K // 2, SUB_K // 2)], (), layout=plgpu.Layout.WGMMA_8BIT)
-                    srows = tuple(plgpu.load(s_smem.at[sub * sb_sub + b], (), layout=_ROW_LAYOUT) for b in range(sb_sub))
+                    srows = tuple(
+                        plgpu.load(s_smem.at[sub * sb_sub + b], (), layout=_ROW_LAYOUT)
+                        for b in range(sb_sub if cfg.dequant != "noscale" else 0)
+                    )
                     a = expand_tile(wt, srows, mx=mx, math=cfg.dequant != "none")
                     plgpu.wgmma(acc, a, x_smem.at[:, pl.ds(sub * SUB_K, SUB_K)].T)
                 plgpu.wgmma_wait(cfg.inflight)
@@ -337,8 +346,10 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
                     if fused:
                         (e,) = e_smem
                         mult = lax.broadcast_in_dim(plgpu.load(e.at[0], (), layout=_ROW_LAYOUT), (ROWS, mt), (0,))
-                        add = lax.broadcast_in_dim(plgpu.load(e.at[1], (), layout=_ROW_LAYOUT), (ROWS, mt), (0,))
-                        y = (res * mult + add).astype(out_dtype)
+                        y = res * mult
+                        if biased:
+                            y = y + lax.broadcast_in_dim(plgpu.load(e.at[1], (), layout=_ROW_LAYOUT), (ROWS, mt), (0,))
+                        y = y.astype(out_dtype)
                         # Stored transposed ([tokens, rows]): the output is (M, N) like the xla path's.
                         plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(y, plgpu.Layout.WGMMA_TRANSPOSED)
                         plgpu.commit_smem()
@@ -357,8 +368,8 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
                 plgpu.BlockSpec((ROWS, bk // 2), lambda t, j: (unit(t)[0], kstep(t, j)), transforms=w_swz),
                 plgpu.BlockSpec((bk // blk, ROWS), lambda t, j: (kstep(t, j), unit(t)[0])),
             ]
-            if fused:  # the unit's row multipliers and biases, read at its last step
-                specs.append(plgpu.BlockSpec((2, ROWS), lambda t, j: (0, unit(t)[0])))
+            if fused:  # the unit's row multipliers (and biases), read at its last step
+                specs.append(plgpu.BlockSpec((epilogue.shape[0], ROWS), lambda t, j: (0, unit(t)[0])))
             plgpu.emit_pipeline(body, grid=(count, steps), in_specs=specs, max_concurrent_steps=cfg.stages)(
                 x_gmem, w_gmem, s_gmem, *((e_gmem,) if fused else ())
             )
@@ -398,26 +409,35 @@ def fp4_matmul_partials_mgpu(x: jax.Array, codes: jax.Array, scales_t: jax.Array
     return _build(x, codes, scales_t, None, cfg=cfg, mx=mx, out_dtype=jnp.float32)
 
 
+def epilogue_rows(alpha: jax.Array, bias: jax.Array | None, mx: bool) -> jax.Array:
+    """The fused kernel's ``epilogue`` input for row multipliers ``alpha`` and an optional
+    ``bias`` (both ``(Np,)``): float32 ``[alpha * 2**c]`` or ``[alpha * 2**c, bias]``."""
+    rows = [alpha.astype(jnp.float32) * jnp.float32(2.0 ** epilogue_exponent(mx))]
+    return jnp.stack(rows + ([] if bias is None else [bias.astype(jnp.float32)]))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "mx", "out_dtype"))
 def fp4_matmul_fused_mgpu(
     x: jax.Array,
     codes: jax.Array,
     scales_t: jax.Array,
-    alpha: jax.Array,
-    bias: jax.Array,
+    epilogue: jax.Array,
     *,
     cfg: MgpuConfig,
     mx: bool,
     out_dtype: jnp.dtype = jnp.bfloat16,
 ) -> jax.Array:
     """``y = (X @ (Q * S).T) * alpha + bias`` ``(Mp, Np)`` in ``out_dtype`` (``Mp = padded_tokens(M)``)
-    with the epilogue in the kernel (one K split: ``cfg.split_k == 1``): the float32 sum times
-    ``alpha * 2**c`` (the same as the sum times ``2**c`` times ``alpha``: a power of two), plus
-    ``bias`` (the compiler may contract the two into one FMA, rounding once), rounded to
-    ``out_dtype``. ``alpha``, ``bias``: float32 ``(Np,)``; other arguments as
-    :func:`fp4_matmul_partials_mgpu`."""
+    with the epilogue in the kernel (one K split: ``cfg.split_k == 1``): the float32 sum (which is
+    ``2**-c`` times the product) times ``epilogue[0] = alpha * 2**c`` (the same as the sum times
+    ``2**c`` times ``alpha``: a power of two), plus ``epilogue[1] = bias`` when there is a second
+    row (the compiler may contract the two into one FMA, rounding once), rounded to
+    ``out_dtype``. ``epilogue``: float32 ``(1, Np)`` or ``(2, Np)``, see :func:`epilogue_rows`
+    (:func:`jaxfp4.ops.prepare_weights` stores row 0 as the layout's ``row_scale``); other
+    arguments as :func:`fp4_matmul_partials_mgpu`."""
     _check(x, codes, cfg, jnp.dtype(out_dtype).itemsize, mx)
     if cfg.split_k != 1:
         raise ValueError(f"the fused epilogue needs split_k == 1, got {cfg}")
-    e = jnp.stack([alpha.astype(jnp.float32) * jnp.float32(2.0 ** epilogue_exponent(mx)), bias.astype(jnp.float32)])
-    return _build(x, codes, scales_t, e, cfg=cfg, mx=mx, out_dtype=jnp.dtype(out_dtype))
+    if epilogue.dtype != jnp.float32 or epilogue.shape not in ((1, codes.shape[0]), (2, codes.shape[0])):
+        raise ValueError(f"epilogue must be float32 (1 or 2, {codes.shape[0]}), got {epilogue.dtype}{epilogue.shape}")
+    return _build(x, codes, scales_t, epilogue, cfg=cfg, mx=mx, out_dtype=jnp.dtype(out_dtype))

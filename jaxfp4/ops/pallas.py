@@ -179,7 +179,11 @@ def prepare_weights(params: Fp4LinearParams) -> Fp4LinearParams:
 
     Pure (a new pytree; ``params`` is untouched) and done once, at load time: it rewrites every
     weight byte. Works on any backend (the "xla" path ignores the layout); jit it to run it on
-    the device that holds the weight. Weights with ``K % 32 != 0`` are returned unchanged."""
+    the device that holds the weight. Weights with ``K % 32 != 0`` are returned unchanged.
+
+    The layout's ``row_scale`` folds in the weight's global scales and, for MXFP4 W4A8, the
+    activation scale as they are now (so a call computes nothing per layer before the kernel);
+    prepare again after replacing either."""
     from jaxfp4.kernels import w4a16_mgpu
 
     w = params.weight
@@ -189,8 +193,22 @@ def prepare_weights(params: Fp4LinearParams) -> Fp4LinearParams:
     kp = -(-w.k // w4a16_mgpu.SUB_K) * w4a16_mgpu.SUB_K
     codes = jnp.pad(w.codes, ((0, np_ - w.n), (0, (kp - w.k) // 2)))
     scales = jnp.pad(w.scales, ((0, np_ - w.n), (0, (kp - w.k) // w.block_size)))  # zero bytes
-    layout = KernelLayout(w4a16_mgpu.prepare_codes(codes), w4a16_mgpu.prepare_scales(scales), w.n, w.k)
+    offset = jnp.float32(2.0 ** w4a16_mgpu.epilogue_exponent(w.format is FP4Format.MXFP4))
+    row_scale = jnp.pad(_kernel_alpha(params) * offset, (0, np_ - w.n))
+    layout = KernelLayout(w4a16_mgpu.prepare_codes(codes), w4a16_mgpu.prepare_scales(scales), row_scale, w.n, w.k)
     return dataclasses.replace(params, kernel_layout=layout)
+
+
+def _kernel_alpha(params: Fp4LinearParams) -> jax.Array:
+    """float32 ``(N,)``: what the kernels multiply the float32 sum ``x @ (Q*S).T`` by (before any
+    exponent offset of their own): the weight row's global multiplier (1 for MXFP4), times the
+    static activation scale for MXFP4 W4A8 (whose kernels take the FP8 codes' values)."""
+    w = params.weight
+    alpha = w.row_global_multiplier()
+    alpha = jnp.ones((w.n,), jnp.float32) if alpha is None else alpha
+    if isinstance(params.recipe, MXFP4W4A8):
+        alpha = alpha * params.input_scale
+    return alpha
 
 
 def sm_count() -> int:
@@ -308,14 +326,14 @@ def mgpu_linear(
     x2: jax.Array,
     layout: KernelLayout,
     mx: bool,
-    alpha: jax.Array,
     bias: jax.Array | None,
     out_dtype: jnp.dtype,
     cfg=None,
 ) -> jax.Array:
-    """``x2 @ (Q*S).T * alpha + bias`` ``(M, N)`` in ``out_dtype`` by the Mosaic GPU kernel; ``x2``
-    bf16 ``(M, K)``, ``alpha`` float32 ``(N,)``; ``cfg`` defaults to :func:`choose_mgpu_config`.
-    With one K split the epilogue runs in the kernel, else on its float32 split-K partials."""
+    """``x2 @ (Q*S).T * alpha + bias`` ``(M, N)`` in ``out_dtype`` by the Mosaic GPU kernel, with
+    ``alpha * 2**c`` the layout's ``row_scale``; ``x2`` bf16 ``(M, K)``; ``cfg`` defaults to
+    :func:`choose_mgpu_config`. With one K split the epilogue runs in the kernel (no operation
+    before it unless there is a bias), else on its float32 split-K partials (one XLA fusion)."""
     from jaxfp4.kernels import w4a16_mgpu
 
     m = x2.shape[0]
@@ -327,13 +345,13 @@ def mgpu_linear(
     mi = w4a16_mgpu.input_rows(m)
     xp = jnp.pad(x2, ((0, mi - m), (0, kp - x2.shape[1]))) if (mi, kp) != x2.shape else x2
     if cfg.split_k == 1:
-        a = jnp.pad(alpha, (0, np_ - layout.n))
-        b = jnp.zeros((np_,), jnp.float32) if bias is None else jnp.pad(bias.astype(jnp.float32), (0, np_ - layout.n))
-        y = w4a16_mgpu.fp4_matmul_fused_mgpu(xp, layout.codes, layout.scales, a, b, cfg=cfg, mx=mx, out_dtype=out_dtype)
+        rows = layout.row_scale[None]
+        if bias is not None:
+            rows = jnp.stack([layout.row_scale, jnp.pad(bias.astype(jnp.float32), (0, np_ - layout.n))])
+        y = w4a16_mgpu.fp4_matmul_fused_mgpu(xp, layout.codes, layout.scales, rows, cfg=cfg, mx=mx, out_dtype=out_dtype)
         return y[:m, : layout.n]
     parts = w4a16_mgpu.fp4_matmul_partials_mgpu(xp, layout.codes, layout.scales, cfg=cfg, mx=mx)
-    y = parts.sum(0).T[:m, : layout.n] * jnp.float32(2.0 ** w4a16_mgpu.epilogue_exponent(mx))  # exact
-    return _epilogue(y, alpha, bias, out_dtype)
+    return _epilogue(parts.sum(0).T[:m, : layout.n], layout.row_scale[: layout.n], bias, out_dtype)
 
 
 def _epilogue(y: jax.Array, alpha: jax.Array | None, bias: jax.Array | None, out_dtype: jnp.dtype) -> jax.Array:
@@ -379,21 +397,19 @@ def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None, out_d
     r = params.recipe
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.k)
-    alpha = w.row_global_multiplier()
-    alpha = jnp.ones((w.n,), jnp.float32) if alpha is None else alpha
+    alpha = _kernel_alpha(params)  # (not computed when the Mosaic GPU kernel runs: its layout has it)
     acts = "bf16"
     if isinstance(r, NVFP4W4A4):
         x2 = fake_quantize_nvfp4_activations(x2, params.input_scale, mode=r.activation_mode)
     elif isinstance(r, MXFP4W4A8):
         x2 = quantize_fp8_static(x2, params.input_scale)  # FP8 codes; the scale goes to the epilogue
-        alpha = alpha * params.input_scale
         acts = "fp8"
     if uses_dense(x2.shape[0], acts):  # (this backend runs only on a GPU or in interpret mode)
         y = dense_forward(x2, params, acts, bias, out_dtype)
     elif uses_mgpu(params, x2.shape[0], acts):
         if acts == "fp8":
             x2 = codecs.decode_e4m3(x2).astype(jnp.bfloat16)  # exact
-        y = mgpu_linear(x2, params.kernel_layout, w.format is FP4Format.MXFP4, alpha, bias, out_dtype)
+        y = mgpu_linear(x2, params.kernel_layout, w.format is FP4Format.MXFP4, bias, out_dtype)
     else:
         y = _epilogue(_triton_matmul(x2, w, acts), alpha, bias, out_dtype)
     return y.reshape(*lead, w.n)

@@ -46,15 +46,22 @@ class KernelLayout:
     (:func:`~jaxfp4.kernels.w4a16_mgpu.prepare_codes`); ``scales``: uint8 ``(Kp/B, Np)``, the
     block-scale bytes transposed. ``N`` is padded to a multiple of 64 and ``K`` to a multiple
     of 128 with zero codes (which contribute nothing); ``n``, ``k`` are the unpadded sizes.
+    ``row_scale``: float32 ``(Np,)``, what the kernel multiplies its float32 sums by, per weight
+    row: the row's global multiplier (1 for MXFP4) times ``2**c`` (the kernel's exponent offset,
+    :func:`~jaxfp4.kernels.w4a16_mgpu.epilogue_exponent`) times the W4A8 activation scale; 0 on
+    padded rows. Made with the rest of the layout so that a call runs no per-layer arithmetic
+    before the kernel; it is a function of the weight's global scales and ``input_scale`` at
+    :func:`~jaxfp4.ops.prepare_weights` time (prepare again after changing either).
 
     ``shards > 1``: the layouts of the tensor-parallel shards of the weight (each shard laid out
     on its own, padded on its own), stacked along a new leading axis: ``codes (shards, Np, Kp/2)``,
-    ``scales (shards, Kp/B, Np)``, ``n``, ``k`` the sizes of one shard. Made by
+    ``scales (shards, Kp/B, Np)``, ``row_scale (shards, Np)``, ``n``, ``k`` the sizes of one shard. Made by
     :func:`jaxfp4.sharding.shard_params` with the leading axis split over the mesh axis, and read
     only per shard, by :func:`jaxfp4.sharding.tp_linear`; the single-device kernel path ignores it."""
 
     codes: jax.Array
     scales: jax.Array
+    row_scale: jax.Array
     n: int
     k: int
     shards: int = 1
@@ -63,10 +70,12 @@ class KernelLayout:
         """Shard ``i``'s layout (``shards == 1``); under ``shard_map`` the local stack has one entry."""
         if self.shards == 1:
             return self
-        return KernelLayout(self.codes[i], self.scales[i], self.n, self.k)
+        return KernelLayout(self.codes[i], self.scales[i], self.row_scale[i], self.n, self.k)
 
 
-jax.tree_util.register_dataclass(KernelLayout, data_fields=["codes", "scales"], meta_fields=["n", "k", "shards"])
+jax.tree_util.register_dataclass(
+    KernelLayout, data_fields=["codes", "scales", "row_scale"], meta_fields=["n", "k", "shards"]
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +124,11 @@ class Fp4LinearParams:
         if kl is not None and self.weight.shape not in ((kl.n * kl.shards, kl.k), (kl.n, kl.k * kl.shards)):
             of = f"{kl.shards} shards of " if kl.shards > 1 else ""
             raise ValueError(f"{name}: kernel_layout is of {of}a ({kl.n}, {kl.k}) weight, not {self.weight.shape}")
+        if kl is not None and (kl.row_scale.dtype != jnp.float32 or kl.row_scale.shape[-1] != kl.codes.shape[-2]):
+            raise ValueError(
+                f"{name}: kernel_layout.row_scale must be float32 with one entry per laid-out row "
+                f"({kl.codes.shape[-2]}), got {kl.row_scale.dtype}{tuple(kl.row_scale.shape)}"
+            )
         return self
 
 

@@ -105,11 +105,33 @@ def test_prepare_weights_is_pure_and_pads():
     x = jax.random.normal(jax.random.key(0), (3, 160), jnp.bfloat16)
     assert np.array_equal(jaxfp4.fp4_linear(x, q, backend="xla"), jaxfp4.fp4_linear(x, p, backend="xla"))
     leaves = jax.tree.leaves(jax.jit(lambda t: t)(q))  # a pytree through jit
-    assert len(leaves) == len(jax.tree.leaves(p)) + 2
+    assert len(leaves) == len(jax.tree.leaves(p)) + 3  # codes, scales, row_scale
     with pytest.raises(ValueError, match="kernel_layout"):
         dataclasses.replace(q, kernel_layout=dataclasses.replace(kl, n=99)).validate()
     odd = _params(MXFP4W4A16(), 64, 32)  # K = 32: still one chunk, padded to 128
     assert jaxfp4.prepare_weights(odd).kernel_layout.codes.shape == (64, 64)
+
+
+@pytest.mark.parametrize("recipe", [pytest.param(r, id=r.name) for r in RECIPES])
+def test_layout_row_scale_is_the_kernels_epilogue_multiplier(recipe):
+    """The layout's ``row_scale``: per weight row, the global multiplier of the row's partition
+    (NVFP4: fused halves with their own global scales; MXFP4: 1) times ``2**c``, times the static
+    activation scale for W4A8 (whose kernels take the FP8 codes' values); 0 on padded rows."""
+    p = _params(recipe, 100, 256, fused=True)
+    if p.weight.format is FP4Format.NVFP4:  # two halves with global scales of their own
+        p = dataclasses.replace(p, weight=dataclasses.replace(p.weight, global_scale=jnp.array([3312.0, 1000.0])))
+    kl = jaxfp4.prepare_weights(p).kernel_layout
+    rs = np.asarray(kl.row_scale, np.float64)
+    assert kl.row_scale.dtype == jnp.float32 and rs.shape == (128,) and not rs[100:].any()
+    w = p.weight
+    if w.format is FP4Format.NVFP4:
+        g = np.asarray(w.global_scale, np.float64)  # compressed-tensors divisors
+        mult = np.repeat(np.asarray(1.0 / g, np.float32), 50)  # the multiplier form, rounded to float32
+    else:
+        mult = np.ones(100)
+    if isinstance(recipe, MXFP4W4A8):
+        mult = mult * float(p.input_scale)
+    assert np.array_equal(rs[:100], mult * 2.0 ** K.epilogue_exponent(w.format is FP4Format.MXFP4))
 
 
 @pytest.mark.parametrize("fmt", [FP4Format.NVFP4, FP4Format.MXFP4])
@@ -166,7 +188,7 @@ def test_mgpu_kernel_lowers_for_cuda_on_cpu_install(mx):
             jax.ShapeDtypeStruct((k // blk, n), jnp.uint8),
         ]
         if cfg.split_k == 1:
-            args += [jax.ShapeDtypeStruct((n,), jnp.float32)] * 2
+            args += [jax.ShapeDtypeStruct((1 + (m % 2 == 0), n), jnp.float32)]  # with and without a bias row
             f = jax.jit(lambda *a, cfg=cfg: K.fp4_matmul_fused_mgpu(*a, cfg=cfg, mx=mx))
             out = (K.padded_tokens(m), n)
         else:
@@ -192,10 +214,10 @@ def test_mgpu_kernel_rejects_bad_shapes(m, k, cfg, fused, match):
         jnp.zeros((64, k // 2), jnp.uint8),
         jnp.zeros((k // 16, 64), jnp.uint8),
     )
-    z = jnp.zeros((64,), jnp.float32)
+    z = jnp.zeros((2, 64), jnp.float32)
     with pytest.raises(ValueError, match=match):
         if fused:
-            K.fp4_matmul_fused_mgpu(x, codes, scales, z, z, cfg=cfg, mx=False)
+            K.fp4_matmul_fused_mgpu(x, codes, scales, z, cfg=cfg, mx=False)
         else:
             K.fp4_matmul_partials_mgpu(x, codes, scales, cfg=cfg, mx=False)
 
@@ -236,10 +258,13 @@ def test_mgpu_kernel_equals_exact_product_on_gpu(fmt, m, n, k, cfg):
     if cfg.split_k == 1:
         alpha = jax.random.uniform(jax.random.key(1), (n,), jnp.float32, 0.5, 2.0)
         bias = jax.random.normal(jax.random.key(2), (n,), jnp.float32)
-        y = K.fp4_matmul_fused_mgpu(xp, codes, scales, alpha, bias, cfg=cfg, mx=mx, out_dtype=jnp.float32)
         a = np.asarray(alpha, np.float64)
-        got, want, mag = np.asarray(y, np.float64)[:m], (xf @ w.T) * a + np.asarray(bias, np.float64), mag * a
-        assert np.all(np.abs(got - want) <= k * 2.0**-24 * mag + 2.0**-23 * np.abs(want) + 1e-30)
+        for b in (bias, None):  # a bias row, and none (the epilogue's second row left out)
+            e = K.epilogue_rows(alpha, b, mx)
+            y = K.fp4_matmul_fused_mgpu(xp, codes, scales, e, cfg=cfg, mx=mx, out_dtype=jnp.float32)
+            want = (xf @ w.T) * a + (0.0 if b is None else np.asarray(b, np.float64))
+            got = np.asarray(y, np.float64)[:m]
+            assert np.all(np.abs(got - want) <= k * 2.0**-24 * mag * a + 2.0**-23 * np.abs(want) + 1e-30)
     else:
         parts = K.fp4_matmul_partials_mgpu(xp, codes, scales, cfg=cfg, mx=mx)
         got = np.asarray(parts, np.float64).sum(0).T[:m] * 2.0 ** K.epilogue_exponent(mx)
