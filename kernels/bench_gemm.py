@@ -18,6 +18,10 @@ schemes; ``BENCH_SWEEP`` names the schemes whose Triton configs are swept (other
 heuristic config); ``BENCH_BUDGET_S`` caps the sweeping time; ``BENCH_MS`` picks the row counts
 (default ``1,16,128,4096``), ``BENCH_SHAPES`` the K x N shapes.
 
+``BENCH_TIMER=cupti`` times GPU work instead of wall time: the sum of every kernel the layer
+launches, by CUPTI (``gpu_us``; no launch gaps, no dispatch), per layer over the same distinct
+weights; records then carry ``"timer": "cupti"``. ``BENCH_XLA=0`` skips the "xla" backend.
+
 Writes ``$OUT/gemm-<device>.json`` ({"device", "records": [{scheme, M, K, N, backend, us}]}),
 ``$OUT/configs-<device>.json`` (best config per shape, for jaxfp4/kernels/configs/) and a PNG.
 """
@@ -56,6 +60,8 @@ SCHEMES = {
 RUN = [v for v in os.environ.get("BENCH_SCHEMES", ",".join(SCHEMES)).split(",") if v]
 SWEEP = [v for v in os.environ.get("BENCH_SWEEP", "nvfp4_w4a16,mxfp4_w4a16").split(",") if v]
 COMPARE_TRITON = os.environ.get("BENCH_COMPARE_TRITON", "1") == "1"
+TIMER = os.environ.get("BENCH_TIMER", "wall")
+RUN_XLA = os.environ.get("BENCH_XLA", "1") == "1"
 
 
 def random_weight(key, n: int, k: int, fmt: FP4Format) -> QuantizedTensor:
@@ -76,6 +82,10 @@ def bf16_dot(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def time_op(op, x, ws, reps: int = 7) -> float:
+    """us per layer of ``op`` over the distinct weights ``ws``: the median wall time of one jitted
+    call over all of them (``BENCH_TIMER=cupti``: their summed kernel time, :func:`gpu_us`)."""
+    if TIMER == "cupti":
+        return gpu_us(op, x, ws)[1]
     f = jax.jit(lambda x, ws: sum(op(x, w).astype(jnp.float32).sum() for w in ws))
     f(x, ws).block_until_ready()
     ts = []
@@ -181,10 +191,12 @@ def main() -> None:
             x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
             bf16 = time_op(bf16_dot, x, wb)
             for scheme, ps in params.items():
-                rec = dict(scheme=scheme, M=m, K=k, N=n)
+                rec = dict(scheme=scheme, M=m, K=k, N=n, **({"timer": TIMER} if TIMER != "wall" else {}))
                 records.append({**rec, "backend": "bf16", "us": bf16})
-                xla = time_op(lambda x, p: jaxfp4.fp4_linear(x, p, backend="xla"), x, ps)
-                records.append({**rec, "backend": "xla", "us": xla})
+                xla = float("nan")
+                if RUN_XLA:
+                    xla = time_op(lambda x, p: jaxfp4.fp4_linear(x, p, backend="xla"), x, ps)
+                    records.append({**rec, "backend": "xla", "us": xla})
                 fmt = ps[0].weight.format
                 acts = "fp8" if scheme == "mxfp4_w4a8" else "bf16"
                 pal = time_op(lambda x, p: jaxfp4.fp4_linear(x, p, backend="pallas"), x, ps)
