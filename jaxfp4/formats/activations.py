@@ -26,6 +26,9 @@ quantized against a 448 scale, so they mostly become 0).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -43,38 +46,66 @@ def _check_act(x: jax.Array, block: int) -> None:
         raise ValueError(f"activation K={x.shape[-1] if x.ndim else None} is not a multiple of {block}")
 
 
-def _vllm_rcp(v: jax.Array) -> jax.Array:
+class _Ops(NamedTuple):
+    """The two operations whose exactness depends on where the math runs: ``div`` (IEEE float32
+    division) and ``barrier`` (hides a value from XLA's algebraic simplifier). Under XLA:
+    :func:`codecs.div_exact` and ``lax.optimization_barrier``. Inside a Pallas kernel (no XLA
+    simplifier runs there): the backend's quotient corrected exactly, and no barrier."""
+
+    div: Callable[[jax.Array, jax.Array], jax.Array]
+    barrier: Callable[[jax.Array], jax.Array]
+
+
+XLA_OPS = _Ops(codecs.div_exact, jax.lax.optimization_barrier)
+
+
+def _kernel_div(a: jax.Array, b: jax.Array) -> jax.Array:
+    """:func:`codecs.div_rn_from` for kernels. A constant numerator is made a traced value of
+    ``b``'s shape first (``where`` on ``b``, equal to ``a`` everywhere): Pallas's Triton lowering
+    cannot bitcast a constant."""
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    a = jnp.where(b == b, a, a)
+    return codecs.div_rn_from(a, b, a / b)
+
+
+KERNEL_OPS = _Ops(_kernel_div, lambda v: v)
+
+
+def _vllm_rcp(v: jax.Array, ops: _Ops) -> jax.Array:
     """vLLM's ``get_reciprocal``: ``1 / (v + (v == 0) * 1e8)`` in float32.
 
     The barrier keeps XLA from folding a later ``x * rcp(v)`` into ``x / v`` (another rounding).
     """
-    r = codecs.div_exact(jnp.float32(1.0), v + (v == 0).astype(jnp.float32) * jnp.float32(1e8))
-    return jax.lax.optimization_barrier(r)
+    r = ops.div(jnp.float32(1.0), v + (v == 0).astype(jnp.float32) * jnp.float32(1e8))
+    return ops.barrier(r)
 
 
-def _nvfp4_blocks(x: jax.Array, global_scale: jax.Array, mode: ActivationQuant) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _nvfp4_blocks(
+    x: jax.Array, global_scale: jax.Array, mode: ActivationQuant, ops: _Ops = XLA_OPS
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Shared core: returns (E2M1 codes ``uint8 [..., K]``, scales ``e4m3 [..., K/16]``,
-    float32 per-block dequant factor ``[..., K/16]``)."""
+    float32 per-block dequant factor ``[..., K/16]``). ``ops``: see :class:`_Ops` (the
+    Pallas kernel of :mod:`jaxfp4.kernels.nvfp4_act_triton` runs this same function)."""
     _check_act(x, NVFP4_BLOCK)
     g = jnp.asarray(global_scale, jnp.float32).reshape(())
     k = x.shape[-1]
     xb = x.reshape(*x.shape[:-1], k // NVFP4_BLOCK, NVFP4_BLOCK)
-    amax = jnp.max(jnp.abs(xb), axis=-1).astype(jnp.float32)
+    amax = codecs.abs_max(xb).astype(jnp.float32)  # NaN in a block -> NaN scale, as torch
     xf = xb.astype(jnp.float32)
     if mode is ActivationQuant.VLLM:
         # f32(1/6), as torch. The barrier stops XLA's algebraic simplifier from re-associating
         # g * (amax * c) into amax * (g * c) under jit (a different rounding in ~0.3% of blocks).
-        local = jax.lax.optimization_barrier(amax * jnp.float32(1.0 / 6.0))
+        local = ops.barrier(amax * jnp.float32(1.0 / 6.0))
         sf = codecs.encode_e4m3(g * local)
         sf_f = codecs.decode_e4m3(sf)  # from the bits: no convert pair for XLA to fold
-        scaled = xf * _vllm_rcp(sf_f * _vllm_rcp(g))[..., None]
-        dq = codecs.div_exact(sf_f, g)
+        scaled = xf * _vllm_rcp(sf_f * _vllm_rcp(g, ops), ops)[..., None]
+        dq = ops.div(sf_f, g)
     elif mode is ActivationQuant.COMPRESSED_TENSORS:
-        local = codecs.round_to(codecs.div_exact(amax, jnp.float32(6.0)), x.dtype)
+        local = codecs.round_to(ops.div(amax, jnp.float32(6.0)), x.dtype)
         sf = codecs.encode_e4m3(g * local)
         sf = jnp.where(codecs.decode_e4m3(sf) == 0, jnp.float8_e4m3fn(0.125), sf)
-        dq = codecs.div_exact(codecs.decode_e4m3(sf), g)
-        scaled = codecs.div_exact(xf, dq[..., None])
+        dq = ops.div(codecs.decode_e4m3(sf), g)
+        scaled = ops.div(xf, dq[..., None])
     else:
         raise ValueError(f"unknown activation quantization mode {mode!r}")
     codes = codecs.encode_e2m1(jnp.clip(scaled, -6.0, 6.0)).reshape(x.shape)
@@ -93,10 +124,11 @@ def quantize_nvfp4_activations(
 
 
 def fake_quantize_nvfp4_activations(
-    x: jax.Array, global_scale: jax.Array, *, mode: ActivationQuant = ActivationQuant.VLLM
+    x: jax.Array, global_scale: jax.Array, *, mode: ActivationQuant = ActivationQuant.VLLM, ops: _Ops = XLA_OPS
 ) -> jax.Array:
-    """Quantize then dequantize activations to NVFP4; returns ``x_dq`` in ``x.dtype``."""
-    codes, _, dq = _nvfp4_blocks(x, global_scale, mode)
+    """Quantize then dequantize activations to NVFP4; returns ``x_dq`` in ``x.dtype``.
+    (``ops``: :data:`KERNEL_OPS` inside a Pallas kernel, see :class:`_Ops`.)"""
+    codes, _, dq = _nvfp4_blocks(x, global_scale, mode, ops)
     q = codecs.decode_e2m1(codes).reshape(*x.shape[:-1], -1, NVFP4_BLOCK)
     return (q * dq[..., None]).reshape(x.shape).astype(x.dtype)
 

@@ -77,6 +77,13 @@ def div_rn_corrected(a: jax.Array, b: jax.Array) -> jax.Array:
     return _div_correct(a, b, a / jax.lax.optimization_barrier(b))
 
 
+def div_rn_from(a: jax.Array, b: jax.Array, q: jax.Array) -> jax.Array:
+    """:func:`div_rn_corrected` from a quotient ``q`` the caller computed with the backend's
+    ``a / b``: for code inside a Pallas kernel, where no optimization barrier is needed (no XLA
+    simplifier runs there) and none can be lowered."""
+    return _div_correct(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), q)
+
+
 def _div_correct(a: jax.Array, b: jax.Array, q0: jax.Array) -> jax.Array:
     """``RN(a / b)`` from a candidate ``q0`` within 32 ulp of it (normal operands and results;
     the others take ``q0``, which must then be the backend's ``a / b``).
@@ -86,8 +93,9 @@ def _div_correct(a: jax.Array, b: jax.Array, q0: jax.Array) -> jax.Array:
     that binade's ulp the quotient is ``t = ma * 2**s / mb`` with ``s = 23 + (ma < mb)``, in
     ``[2**23, 2**24)``. ``n0`` = the candidate in the same units; ``R = ma * 2**s - n0 * mb =
     (t - n0) * mb`` is small (``|R| < 2**31``), so its low 32 bits, which uint32 arithmetic gets
-    exactly by wrapping, are all of it. ``k`` = the integer nearest ``R / mb`` (an estimate by
-    float, then fixed exactly by the sign of ``2 (R - k mb) -+ mb``; never a tie: a quotient of
+    exactly by wrapping, are all of it. ``k`` = the integer nearest ``R / mb`` (a float estimate
+    truncated toward zero, so within 1 of it: no rounding primitive, which Pallas's Triton
+    lowering lacks; then fixed exactly by the sign of ``2 (R - k mb) -+ mb``; never a tie: a quotient of
     24-bit significands is never halfway between two 24-bit ones at these ``s``), and the
     result's significand is ``n0 + k``, in ``[2**23, 2**24 - 1]`` (``t <= 2**24 - 1``, so the
     rounding never carries into the next binade)."""
@@ -101,7 +109,7 @@ def _div_correct(a: jax.Array, b: jax.Array, q0: jax.Array) -> jax.Array:
     n0 = jnp.where(d > 0, m0 << 1, jnp.where(d < 0, m0 >> 1, m0))
     r = jax.lax.bitcast_convert_type((ma << s) - n0 * mb, jnp.int32)  # exact: |R| < 2**31
     mbi = mb.astype(jnp.int32)
-    k = jnp.round(r.astype(jnp.float32) / mbi.astype(jnp.float32)).astype(jnp.int32)
+    k = (r.astype(jnp.float32) / mbi.astype(jnp.float32)).astype(jnp.int32)  # truncated: within 1
     r1 = r - k * mbi  # exact; 2 * r1 in (-3 mb, 3 mb)
     k = k + (2 * r1 > mbi).astype(jnp.int32) - (2 * r1 < -mbi).astype(jnp.int32)
     n = n0.astype(jnp.int32) + k  # in [2**23, 2**24 - 1]
@@ -148,6 +156,18 @@ def div_rn_integer(a: jax.Array, b: jax.Array) -> jax.Array:
     # a broadcast may then become a multiplication by the reciprocal, which is still exact for
     # the zeros, infinities and NaNs this fallback promises.
     return jnp.where(ok, exact, a / jax.lax.optimization_barrier(b))
+
+
+def abs_max(x: jax.Array, axis: int = -1) -> jax.Array:
+    """``max(|x|)`` along ``axis``, NaN where any element is NaN (as ``torch.amax``).
+
+    ``jnp.max`` alone is not enough: XLA:CPU's vectorized max reduction drops NaNs under jit
+    (jax 0.10.2: the block maxima of a ``(4, 256, 16)`` array with a NaN in a block came out
+    finite, while a ``(4, 16)`` one gave NaN), so the NaN test is explicit.
+    """
+    a = jnp.abs(x)
+    nan = jnp.max(jnp.isnan(a).astype(jnp.int32), axis=axis) > 0  # (a max: Pallas Triton has no reduce_or)
+    return jnp.where(nan, jnp.asarray(jnp.nan, a.dtype), jnp.max(a, axis=axis))
 
 
 def round_to(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
@@ -255,10 +275,11 @@ def interleave(even: jax.Array, odd: jax.Array) -> jax.Array:
 def encode_e4m3(x: jax.Array) -> jax.Array:
     """float32 -> ``float8_e4m3fn``: clamp to +-448, then round to nearest even.
 
-    NaN stays NaN; +-inf saturates to +-448 (as torch's cast does).
+    NaN stays NaN; +-inf saturates to +-448 (as torch's cast does). (The NaN is kept explicitly:
+    in Pallas's Triton lowering a clamp returns the bound for a NaN.)
     """
     x = jnp.asarray(x, jnp.float32)
-    return jnp.clip(x, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+    return jnp.where(jnp.isnan(x), x, jnp.clip(x, -E4M3_MAX, E4M3_MAX)).astype(jnp.float8_e4m3fn)
 
 
 def decode_e4m3(s: jax.Array) -> jax.Array:

@@ -41,7 +41,7 @@ def _check_weight(w: jax.Array, block: int) -> None:
 
 def _group_amax(wf: jax.Array, block: int) -> jax.Array:
     n, k = wf.shape
-    return jnp.max(jnp.abs(wf.reshape(n, k // block, block)), axis=-1)
+    return codecs.abs_max(wf.reshape(n, k // block, block))
 
 
 def _fp4_codes_from(scaled: jax.Array, n: int, k: int) -> jax.Array:

@@ -4,7 +4,8 @@ What it computes, for all four recipes (``alpha_n`` = the weight row's global mu
 1 for MXFP4):
 
 * activations prepared exactly as the "xla" backend does (W4A4: NVFP4 quantize-dequantize, the
-  same function, so codes and scales are bit-identical; W4A8: the same FP8 codes, with the static
+  same function, so codes and scales are bit-identical; in vLLM mode it runs as one Pallas kernel,
+  :mod:`jaxfp4.kernels.nvfp4_act_triton`; W4A8: the same FP8 codes, with the static
   activation scale applied in the epilogue instead of to each activation);
 * ``y[m, n] = alpha_n * sum_k x[m, k] * (q[n, k] * s[n, k/B])`` with the E2M1 x scale product
   exact and float32 accumulation; bias added in float32; output in ``x.dtype``.
@@ -52,6 +53,8 @@ from jaxfp4.formats import (
     mxfp4_e4m3_window,
     quantize_fp8_static,
 )
+from jaxfp4.formats.tensor import ActivationQuant
+from jaxfp4.kernels.nvfp4_act_triton import fake_quantize_nvfp4_vllm
 from jaxfp4.ops.params import Fp4LinearParams, KernelLayout
 from jaxfp4.ops.xla import gemm_weight
 
@@ -400,7 +403,10 @@ def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None, out_d
     alpha = _kernel_alpha(params)  # (not computed when the Mosaic GPU kernel runs: its layout has it)
     acts = "bf16"
     if isinstance(r, NVFP4W4A4):
-        x2 = fake_quantize_nvfp4_activations(x2, params.input_scale, mode=r.activation_mode)
+        if r.activation_mode is ActivationQuant.VLLM:  # one kernel, bit-identical to the reference's
+            x2 = fake_quantize_nvfp4_vllm(x2, params.input_scale, interpret=_interpret)
+        else:
+            x2 = fake_quantize_nvfp4_activations(x2, params.input_scale, mode=r.activation_mode)
     elif isinstance(r, MXFP4W4A8):
         x2 = quantize_fp8_static(x2, params.input_scale)  # FP8 codes; the scale goes to the epilogue
         acts = "fp8"

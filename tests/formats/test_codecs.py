@@ -229,3 +229,20 @@ def test_div_rn_corrected_with_a_scalar_divisor_writes_no_full_size_divisor():
         text = jax.jit(div).lower(a, s).as_text()
         barriers = [ln for ln in text.splitlines() if "optimization_barrier" in ln]
         assert barriers and all(f"tensor<{a.size}x" not in ln for ln in barriers), barriers
+
+
+def test_abs_max_keeps_nans_under_jit():
+    """A NaN anywhere in a block gives that block a NaN maximum, as torch.amax does: under jit,
+    XLA:CPU's vectorized max reduction alone returned finite maxima for a (4, 256, 16) array."""
+    from jaxfp4.formats.activations import fake_quantize_nvfp4_activations
+
+    x = np.random.default_rng(0).standard_normal((4, 256, 16)).astype(np.float32)
+    x[1, 7, 14] = np.nan
+    x[3, 0, 0] = -np.inf
+    m = np.asarray(jax.jit(codecs.abs_max)(jnp.asarray(x)))
+    want = np.abs(x).max(-1)
+    assert np.isnan(m[1, 7]) and np.array_equal(np.isnan(m), np.isnan(want))
+    assert np.array_equal(m[~np.isnan(m)], want[~np.isnan(want)])
+    xq = jax.jit(fake_quantize_nvfp4_activations)(jnp.asarray(x.reshape(4, -1)), jnp.float32(300.0))
+    blocks = np.asarray(xq).reshape(4, 256, 16)
+    assert np.isnan(blocks[1, 7]).all() and np.isnan(blocks).sum() == 16
