@@ -59,16 +59,7 @@ class _Ops(NamedTuple):
 XLA_OPS = _Ops(codecs.div_exact, jax.lax.optimization_barrier)
 
 
-def _kernel_div(a: jax.Array, b: jax.Array) -> jax.Array:
-    """:func:`codecs.div_rn_from` for kernels. A constant numerator is made a traced value of
-    ``b``'s shape first (``where`` on ``b``, equal to ``a`` everywhere): Pallas's Triton lowering
-    cannot bitcast a constant."""
-    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-    a = jnp.where(b == b, a, a)
-    return codecs.div_rn_from(a, b, a / b)
-
-
-KERNEL_OPS = _Ops(_kernel_div, lambda v: v)
+KERNEL_OPS = _Ops(codecs.div_rn_in_kernel, lambda v: v)
 
 
 def _vllm_rcp(v: jax.Array, ops: _Ops) -> jax.Array:

@@ -77,11 +77,14 @@ def div_rn_corrected(a: jax.Array, b: jax.Array) -> jax.Array:
     return _div_correct(a, b, a / jax.lax.optimization_barrier(b))
 
 
-def div_rn_from(a: jax.Array, b: jax.Array, q: jax.Array) -> jax.Array:
-    """:func:`div_rn_corrected` from a quotient ``q`` the caller computed with the backend's
-    ``a / b``: for code inside a Pallas kernel, where no optimization barrier is needed (no XLA
-    simplifier runs there) and none can be lowered."""
-    return _div_correct(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), q)
+def div_rn_in_kernel(a: jax.Array, b: jax.Array) -> jax.Array:
+    """:func:`div_rn_corrected` for code inside a Pallas kernel: no optimization barrier (no XLA
+    simplifier runs there, and none can be lowered), and a constant numerator is first made a
+    traced value of ``b``'s shape (``where`` on ``b``, equal to ``a`` everywhere): Pallas's
+    Triton lowering cannot bitcast a constant."""
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    a = jnp.where(b == b, a, a)
+    return _div_correct(a, b, a / b)
 
 
 def _div_correct(a: jax.Array, b: jax.Array, q0: jax.Array) -> jax.Array:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from jaxfp4.formats.activations import KERNEL_OPS, NVFP4_BLOCK, fake_quantize_nvfp4_activations
+from jaxfp4.formats.activations import KERNEL_OPS, NVFP4_BLOCK, _check_act, fake_quantize_nvfp4_activations
 from jaxfp4.formats.tensor import ActivationQuant
 
 
@@ -47,9 +47,8 @@ def fake_quantize_nvfp4_vllm(x: jax.Array, global_scale: jax.Array, *, interpret
     """``fake_quantize_nvfp4_activations(x, global_scale, mode=VLLM)`` for ``x`` ``(M, K)``
     (bf16, fp16 or float32; ``K % 16 == 0``) in one kernel; ``global_scale`` the float32 divisor
     ``g`` (a scalar or shape ``(1,)``). Rows past ``M`` in the last program are masked."""
+    _check_act(x, NVFP4_BLOCK)  # of the whole K: each program sees only its own block
     m, k = x.shape
-    if k % NVFP4_BLOCK:
-        raise ValueError(f"activation K={k} is not a multiple of {NVFP4_BLOCK}")
     bm, bk = blocks(m, k)
     g = jnp.asarray(global_scale, jnp.float32).reshape(1)
 

@@ -409,11 +409,18 @@ def fp4_matmul_partials_mgpu(x: jax.Array, codes: jax.Array, scales_t: jax.Array
     return _build(x, codes, scales_t, None, cfg=cfg, mx=mx, out_dtype=jnp.float32)
 
 
-def epilogue_rows(alpha: jax.Array, bias: jax.Array | None, mx: bool) -> jax.Array:
-    """The fused kernel's ``epilogue`` input for row multipliers ``alpha`` and an optional
-    ``bias`` (both ``(Np,)``): float32 ``[alpha * 2**c]`` or ``[alpha * 2**c, bias]``."""
-    rows = [alpha.astype(jnp.float32) * jnp.float32(2.0 ** epilogue_exponent(mx))]
-    return jnp.stack(rows + ([] if bias is None else [bias.astype(jnp.float32)]))
+def row_multipliers(alpha: jax.Array, mx: bool) -> jax.Array:
+    """float32 ``alpha * 2**c``: what the kernel's sums (``2**-c`` times the product) are
+    multiplied by for row multipliers ``alpha`` (a layout's ``row_scale``)."""
+    return alpha.astype(jnp.float32) * jnp.float32(2.0 ** epilogue_exponent(mx))
+
+
+def epilogue_rows(row_scale: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """The fused kernel's ``epilogue`` input: float32 ``[row_scale]`` or ``[row_scale, bias]``
+    (each ``(Np,)``; ``row_scale`` from :func:`row_multipliers`)."""
+    if bias is None:
+        return row_scale[None]
+    return jnp.stack([row_scale, bias.astype(jnp.float32)])
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "mx", "out_dtype"))

@@ -196,8 +196,7 @@ def prepare_weights(params: Fp4LinearParams) -> Fp4LinearParams:
     kp = -(-w.k // w4a16_mgpu.SUB_K) * w4a16_mgpu.SUB_K
     codes = jnp.pad(w.codes, ((0, np_ - w.n), (0, (kp - w.k) // 2)))
     scales = jnp.pad(w.scales, ((0, np_ - w.n), (0, (kp - w.k) // w.block_size)))  # zero bytes
-    offset = jnp.float32(2.0 ** w4a16_mgpu.epilogue_exponent(w.format is FP4Format.MXFP4))
-    row_scale = jnp.pad(_kernel_alpha(params) * offset, (0, np_ - w.n))
+    row_scale = jnp.pad(w4a16_mgpu.row_multipliers(_kernel_alpha(params), w.format is FP4Format.MXFP4), (0, np_ - w.n))
     layout = KernelLayout(w4a16_mgpu.prepare_codes(codes), w4a16_mgpu.prepare_scales(scales), row_scale, w.n, w.k)
     return dataclasses.replace(params, kernel_layout=layout)
 
@@ -348,9 +347,8 @@ def mgpu_linear(
     mi = w4a16_mgpu.input_rows(m)
     xp = jnp.pad(x2, ((0, mi - m), (0, kp - x2.shape[1]))) if (mi, kp) != x2.shape else x2
     if cfg.split_k == 1:
-        rows = layout.row_scale[None]
-        if bias is not None:
-            rows = jnp.stack([layout.row_scale, jnp.pad(bias.astype(jnp.float32), (0, np_ - layout.n))])
+        b = None if bias is None else jnp.pad(bias.astype(jnp.float32), (0, np_ - layout.n))
+        rows = w4a16_mgpu.epilogue_rows(layout.row_scale, b)
         y = w4a16_mgpu.fp4_matmul_fused_mgpu(xp, layout.codes, layout.scales, rows, cfg=cfg, mx=mx, out_dtype=out_dtype)
         return y[:m, : layout.n]
     parts = w4a16_mgpu.fp4_matmul_partials_mgpu(xp, layout.codes, layout.scales, cfg=cfg, mx=mx)
@@ -400,7 +398,6 @@ def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None, out_d
     r = params.recipe
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.k)
-    alpha = _kernel_alpha(params)  # (not computed when the Mosaic GPU kernel runs: its layout has it)
     acts = "bf16"
     if isinstance(r, NVFP4W4A4):
         if r.activation_mode is ActivationQuant.VLLM:  # one kernel, bit-identical to the reference's
@@ -417,5 +414,5 @@ def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None, out_d
             x2 = codecs.decode_e4m3(x2).astype(jnp.bfloat16)  # exact
         y = mgpu_linear(x2, params.kernel_layout, w.format is FP4Format.MXFP4, bias, out_dtype)
     else:
-        y = _epilogue(_triton_matmul(x2, w, acts), alpha, bias, out_dtype)
+        y = _epilogue(_triton_matmul(x2, w, acts), _kernel_alpha(params), bias, out_dtype)
     return y.reshape(*lead, w.n)

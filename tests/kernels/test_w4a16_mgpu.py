@@ -260,7 +260,7 @@ def test_mgpu_kernel_equals_exact_product_on_gpu(fmt, m, n, k, cfg):
         bias = jax.random.normal(jax.random.key(2), (n,), jnp.float32)
         a = np.asarray(alpha, np.float64)
         for b in (bias, None):  # a bias row, and none (the epilogue's second row left out)
-            e = K.epilogue_rows(alpha, b, mx)
+            e = K.epilogue_rows(K.row_multipliers(alpha, mx), b)
             y = K.fp4_matmul_fused_mgpu(xp, codes, scales, e, cfg=cfg, mx=mx, out_dtype=jnp.float32)
             want = (xf @ w.T) * a + (0.0 if b is None else np.asarray(b, np.float64))
             got = np.asarray(y, np.float64)[:m]
