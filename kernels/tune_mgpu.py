@@ -35,33 +35,48 @@ from kernels.bench_gemm import COPIES, gpu_us, random_weight
 from kernels.probe_mgpu import layout
 
 
-def candidates(m: int, n: int, k: int, sms: int) -> list[K.MgpuConfig]:
+def candidates(
+    m: int, n: int, k: int, sms: int, wgs: tuple[int, ...] = (1,), inflight: tuple[int, ...] = (0,)
+) -> list[K.MgpuConfig]:
+    """One-warpgroup CTAs (``1 in wgs``): K splits that leave at most ~2 units per SM, 256- or
+    512-K steps, as many stages (up to 8) as fit in the shared memory of 2, 3 or 4 CTAs per SM;
+    the persistent grid for that many CTAs per SM and one CTA per unit. Warp-specialized CTAs
+    (``2 in wgs``, one per SM: their consumers take most of the register file): K splits up to
+    ~4 units per SM, 128-, 256- or 512-K steps, as many stages (up to 8) as fit in one CTA's
+    shared memory, a persistent grid of at most one CTA per SM, each with ``inflight`` in
+    ``inflight`` (one-warpgroup CTAs: 0 only; it lost everywhere, 2026-11-23)."""
     mt = K.token_tile(m)
-    tiles = K.work_units(m, n, 1)
     out: list[K.MgpuConfig] = []
-    for split in (1, 2, 4, 8):
-        ks = k // split
-        if k % split or ks % 256 or ks < 1024 or (split > 1 and tiles * split // 2 >= 2 * sms):
+    for g in wgs:
+        if n % (K.ROWS * g):
             continue
-        for bk in (256, 512):
-            if ks % bk:
+        tiles = K.work_units(m, n, 1, g)
+        for split in (1, 2, 4, 8):
+            ks = k // split
+            if g == 1 and (k % split or ks % 256 or ks < 1024 or (split > 1 and tiles * split // 2 >= 2 * sms)):
                 continue
-            out_bytes = 2 if split == 1 else 4
-            for resident in (2, 3, 4):  # one CTA per SM with a deep pipeline lost everywhere (2026-11-23)
-                budget = K.SMEM_LIMIT // resident - 1024
-                stages = 2
-                while stages < 8 and K.smem_bytes(mt, bk, stages + 1, out_bytes) <= budget:
-                    stages += 1
-                if K.smem_bytes(mt, bk, stages, out_bytes) > budget:
+            if g == 2 and (k % split or ks % 128 or ks < 512 or (split > 1 and tiles * split // 2 >= 4 * sms)):
+                continue
+            for bk in (256, 512) if g == 1 else (128, 256, 512):
+                if ks % bk:
                     continue
-                units = tiles * split
-                per = -(-units // (resident * sms))
-                # The persistent grid sized for `resident` CTAs per SM, and one CTA per unit (the
-                # GPU then packs as many per SM as registers and shared memory allow).
-                for ctas in (-(-units // per), units):
-                    cfg = K.MgpuConfig(bk, split, stages, ctas=ctas)
-                    if cfg not in out:
-                        out.append(cfg)
+                out_bytes = 2 if split == 1 else 4
+                for resident in (2, 3, 4) if g == 1 else (1,):  # one-warpgroup CTAs: one per SM lost (2026-11-23)
+                    budget = K.SMEM_LIMIT // resident - 1024
+                    stages = 2
+                    while stages < 8 and K.smem_bytes(mt, bk, stages + 1, out_bytes, wgs=g) <= budget:
+                        stages += 1
+                    if K.smem_bytes(mt, bk, stages, out_bytes, wgs=g) > budget:
+                        continue
+                    units = tiles * split
+                    per = -(-units // (resident * sms))
+                    # The persistent grid sized for `resident` CTAs per SM, and one CTA per unit (the
+                    # GPU then packs as many per SM as registers and shared memory allow).
+                    for ctas in (-(-units // per), units) if g == 1 else (-(-units // per),):
+                        for fl in (0,) if g == 1 else inflight:
+                            cfg = K.MgpuConfig(bk, split, stages, ctas=ctas, inflight=fl, wgs=g)
+                            if cfg not in out:
+                                out.append(cfg)
     return out
 
 
@@ -76,6 +91,9 @@ def main() -> None:
     ap.add_argument("--shapes", default="4096x6144,4096x4096,4096x28672,14336x4096,4096x14336,8192x8192")
     ap.add_argument("--ms", default="1")
     ap.add_argument("--formats", default="nvfp4")
+    ap.add_argument("--wgs", default="1,2", help="compute warpgroups per CTA to try (MgpuConfig.wgs)")
+    ap.add_argument("--inflight", default="0", help="MgpuConfig.inflight values to try with wgs=2")
+    ap.add_argument("--max-split", type=int, default=8, help="largest split_k to try")
     ap.add_argument("--budget-s", type=float, default=300.0)
     ap.add_argument("--write-configs", default=None, help="merge the best configs into this tuned-config file")
     ap.add_argument(
@@ -120,7 +138,10 @@ def main() -> None:
                 elif args.diagnose:
                     tries = [dataclasses.replace(heur, dequant=d) for d in ("none", "noscale", "skip")]
                 else:
-                    tries = [dataclasses.replace(heur, ctas=0), *candidates(m, n, k, sms)]
+                    wgs = tuple(int(g) for g in args.wgs.split(","))
+                    fl = tuple(int(v) for v in args.inflight.split(","))
+                    tries = [dataclasses.replace(heur, ctas=0), *candidates(m, n, k, sms, wgs, fl)]
+                    tries = [c for c in tries if c.split_k <= args.max_split]
                 for cfg in tries:
                     if str(cfg) in tried or time.time() - t0 > args.budget_s:
                         continue

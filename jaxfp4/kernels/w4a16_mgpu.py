@@ -1,11 +1,14 @@
 """FP4-weight x bf16-activation GEMM for Hopper, in Pallas lowered through Mosaic GPU (any M).
 
-A unit of work is a 64-weight-row x up-to-256-token tile of the transposed product
-``(Q * S) @ X.T`` (weight rows are the wgmma M side, tokens its N side) over one K split, where
-``Q`` are the E2M1 weight values and ``S`` the per-block scales, in float32. The grid is
-persistent: each CTA (one warpgroup) runs one TMA pipeline through its share of the units, so
-there is one pipeline fill per CTA, not one per tile, and all CTAs can be resident at once
-(``MgpuConfig.ctas``). Two forms:
+A unit of work is a 64-weight-row (128 in the warp-specialized form, ``MgpuConfig.wgs=2``) x
+up-to-256-token tile of the transposed product ``(Q * S) @ X.T`` (weight rows are the wgmma M
+side, tokens its N side) over one K split, where ``Q`` are the E2M1 weight values and ``S`` the
+per-block scales, in float32. The grid is persistent: each CTA runs one TMA pipeline through its
+share of the units, so there is one pipeline fill per CTA, not one per tile, and all CTAs can be
+resident at once (``MgpuConfig.ctas``). A CTA is one warpgroup that issues the copies and
+computes, or (``wgs=2``) a producer warpgroup and two consumer warpgroups that share each
+activation tile (half the activation reads from L2 per weight byte, and one consumer's expansion
+overlaps the other's wgmma; the form for M above ~64). Two outputs:
 
 * :func:`fp4_matmul_fused_mgpu` (K not split): the epilogue runs in the kernel: times the row
   multipliers (global scale x ``2**c``), plus the bias if any, rounded to the output dtype and
@@ -73,11 +76,12 @@ class MgpuConfig:
     ``stages`` TMA pipeline depth; ``ctas`` the persistent grid's size (see :func:`_build`);
     ``inflight`` wgmma groups left running across a pipeline step (0: each step waits for its
     products; 1: the step's last wgmma overlaps the next step's weight expansion, and the
-    activation tile's buffer is released one step later). Weight rows per unit of work are
-    fixed at 64 (one warpgroup). On the H100, ``inflight=1`` was slower in every case measured
-    (M = 1: 4-26%, four Llama-3-8B layer shapes with their tuned configs; M = 128 and 4096 with
-    two-stage configs: 1.6-1.8x; ``kernels/results/tune-mgpu-*.json``, fourth run), so the
-    default waits; ``kernels/tune_mgpu.py --compare-inflight`` re-measures it."""
+    activation tile's buffer is released one step later; in the warp-specialized form every
+    input of the step is). Weight rows per unit of work: :attr:`rows`. On the H100,
+    ``inflight=1`` was slower in every case measured (M = 1: 4-26%, four Llama-3-8B layer shapes
+    with their tuned configs; M = 128 and 4096 with two-stage configs: 1.6-1.8x; with ``wgs=2``
+    at M = 128: 1.2-2x; ``kernels/results/tune-mgpu-*.json``), so the default waits;
+    ``kernels/tune_mgpu.py --compare-inflight`` re-measures it."""
 
     bk: int = 512
     split_k: int = 1
@@ -87,6 +91,16 @@ class MgpuConfig:
     dequant: str = "ptx"
     ctas: int = 0  # CTAs of the persistent grid (0: one per unit of work, see _build)
     inflight: int = 0
+    # Compute warpgroups per CTA: 1 (the CTA's one warpgroup issues the TMA pipeline and computes
+    # 64 weight rows) or 2 (warp-specialized: a producer warpgroup issues the copies, two consumer
+    # warpgroups compute 64 rows each of a 128-row tile and share its activation tile, which halves
+    # the activation reads per weight byte; see :func:`_build`).
+    wgs: int = 1
+
+    @property
+    def rows(self) -> int:
+        """Weight rows per unit of work (``64 * wgs``)."""
+        return ROWS * self.wgs
 
 
 def token_tile(m: int) -> int:
@@ -110,11 +124,13 @@ def padded_tokens(m: int) -> int:
 SMEM_LIMIT = 227 * 1024  # shared memory one Hopper CTA may use (bytes)
 
 
-def smem_bytes(mt: int, bk: int, stages: int, out_bytes: int = 4, block: int = 16) -> int:
+def smem_bytes(mt: int, bk: int, stages: int, out_bytes: int = 4, block: int = 16, wgs: int = 1) -> int:
     """Shared memory of the pipeline (``block``: the scale block, 16 for NVFP4's scale rows, 32
-    for MXFP4; the fused form's epilogue rows counted in every stage) and of the output tile
-    (``out_bytes`` per element)."""
-    return stages * (mt * bk * 2 + ROWS * bk // 2 + (bk // block) * ROWS + 2 * ROWS * 4) + ROWS * mt * out_bytes
+    for MXFP4; the fused form's epilogue rows counted in every stage; ``wgs`` compute warpgroups
+    of 64 weight rows each) and of the output tiles (``out_bytes`` per element, one per compute
+    warpgroup)."""
+    rows = ROWS * wgs
+    return stages * (mt * bk * 2 + rows * bk // 2 + (bk // block) * rows + 2 * rows * 4) + rows * mt * out_bytes
 
 
 def epilogue_exponent(mx: bool) -> int:
@@ -271,11 +287,13 @@ def _swizzled(dtype, minor_bytes: int) -> tuple:
 def _check(x: jax.Array, codes: jax.Array, cfg: MgpuConfig, out_bytes: int, mx: bool) -> None:
     m, k = x.shape
     np_ = codes.shape[0]
-    if cfg.bk % SUB_K or k % (cfg.bk * cfg.split_k) or np_ % ROWS or codes.shape[1] * 2 != k or input_rows(m) != m:
+    if cfg.wgs not in (1, 2):
+        raise ValueError(f"{cfg}: wgs must be 1 or 2")
+    if cfg.bk % SUB_K or k % (cfg.bk * cfg.split_k) or np_ % cfg.rows or codes.shape[1] * 2 != k or input_rows(m) != m:
         raise ValueError(f"bad shapes for the Mosaic GPU kernel: x {x.shape}, codes {codes.shape}, {cfg}")
     if cfg.inflight not in (0, 1) or cfg.stages <= cfg.inflight:
         raise ValueError(f"{cfg}: inflight must be 0 or 1 and below stages")
-    need = smem_bytes(token_tile(m), cfg.bk, cfg.stages, out_bytes, 32 if mx else 16)
+    need = smem_bytes(token_tile(m), cfg.bk, cfg.stages, out_bytes, 32 if mx else 16, cfg.wgs)
     if need > SMEM_LIMIT:
         raise ValueError(
             f"{cfg} needs {need / 1024:.0f} KiB of shared memory for {m} tokens (at most {SMEM_LIMIT // 1024} KiB): "
@@ -283,31 +301,40 @@ def _check(x: jax.Array, codes: jax.Array, cfg: MgpuConfig, out_bytes: int, mx: 
         )
 
 
-def work_units(m: int, np_: int, split_k: int) -> int:
-    """Output tiles times K splits: the units of work the grid's CTAs share."""
-    return (np_ // ROWS) * (padded_tokens(m) // token_tile(m)) * split_k
+def work_units(m: int, np_: int, split_k: int, wgs: int = 1) -> int:
+    """Output tiles (``64 * wgs`` weight rows x a token tile) times K splits: the units of work
+    the grid's CTAs share."""
+    return (np_ // (ROWS * wgs)) * (padded_tokens(m) // token_tile(m)) * split_k
 
 
 def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype):
     """The kernel. ``epilogue`` (``(1, Np)`` or ``(2, Np)`` float32: row multipliers, then biases
     if any) or None (split-K partials).
 
-    Persistent: ``G = cfg.ctas`` CTAs (0: one per unit) share the ``U`` units of work (a 64-row x
-    token tile x K split; unit ``u`` = ``(si * MT + mi) * NT + ni``, weight tiles fastest) round
-    robin, CTA ``c`` taking ``c, c + G, ...``; one TMA pipeline runs through all of a CTA's units
-    and K steps, so the next unit's loads overlap this unit's last steps and epilogue."""
+    Persistent: ``G = cfg.ctas`` CTAs (0: one per unit) share the ``U`` units of work (an
+    ``R``-row x token tile x K split, ``R = cfg.rows``; unit ``u`` = ``(si * MT + mi) * NT +
+    ni``, weight tiles fastest) round robin, CTA ``c`` taking ``c, c + G, ...``; one TMA pipeline
+    runs through all of a CTA's units and K steps, so the next unit's loads overlap this unit's
+    last steps and epilogue.
+
+    ``cfg.wgs == 1``: the CTA is one warpgroup; :func:`plgpu.emit_pipeline` issues each step's
+    copies from it, ahead of its compute by ``stages - 1`` steps. ``cfg.wgs == 2``: three
+    warpgroups (:func:`plgpu.emit_pipeline_warp_specialized`): the last issues the copies and
+    waits on the consumers' release of each stage, so that copies never wait behind an
+    expansion; consumer ``g`` expands and multiplies rows ``64 g .. 64 g + 63`` of the stage's
+    128-row weight tile against the stage's one activation tile, and stores its own output tile."""
     m, k = x.shape
     mp, mt = padded_tokens(m), token_tile(m)  # rows past m: the TMA copy fills them with zeros
     np_ = codes.shape[0]
     blk = 32 if mx else 16
-    bk, split = cfg.bk, cfg.split_k
+    bk, split, wgs, rows = cfg.bk, cfg.split_k, cfg.wgs, cfg.rows
     steps = k // split // bk  # pipeline steps per unit
     nsub = bk // SUB_K
     sb_sub = SUB_K // blk  # scale rows per sub-tile
     fused = epilogue is not None
     biased = fused and epilogue.shape[0] == 2
-    nt, mtiles = np_ // ROWS, mp // mt
-    units = work_units(m, np_, split)
+    nt, mtiles = np_ // rows, mp // mt
+    units = work_units(m, np_, split, wgs)
     ctas = min(units, cfg.ctas) if cfg.ctas > 0 else units
 
     def kernel(x_gmem, w_gmem, s_gmem, *refs, o_smem):
@@ -322,69 +349,105 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
         def kstep(t, j):
             return unit(t)[2] * steps + j
 
-        def with_acc(acc):
-            def body(idx, x_smem, w_smem, s_smem, *e_smem):
-                t, j = idx
-                for sub in range(nsub if cfg.dequant != "skip" else 0):
-                    wt = plgpu.load(w_smem.at[:, pl.ds(sub * SUB_K // 2, SUB_K // 2)], (), layout=plgpu.Layout.WGMMA_8BIT)
-                    srows = tuple(
-                        plgpu.load(s_smem.at[sub * sb_sub + b], (), layout=_ROW_LAYOUT)
-                        for b in range(sb_sub if cfg.dequant != "noscale" else 0)
-                    )
-                    a = expand_tile(wt, srows, mx=mx, math=cfg.dequant != "none")
-                    plgpu.wgmma(acc, a, x_smem.at[:, pl.ds(sub * SUB_K, SUB_K)].T)
-                plgpu.wgmma_wait(cfg.inflight)
+        def step(idx, x_smem, w_smem, s_smem, e_smem, acc, g):
+            """One pipeline step of compute warpgroup ``g`` (rows ``64 g`` on of the stage's tile)."""
+            t, j = idx
+            rs = pl.ds(g * ROWS, ROWS) if wgs > 1 else slice(None)
+            for sub in range(nsub if cfg.dequant != "skip" else 0):
+                wt = plgpu.load(w_smem.at[rs, pl.ds(sub * SUB_K // 2, SUB_K // 2)], (), layout=plgpu.Layout.WGMMA_8BIT)
+                srows = tuple(
+                    plgpu.load(s_smem.at[sub * sb_sub + b, rs], (), layout=_ROW_LAYOUT)
+                    for b in range(sb_sub if cfg.dequant != "noscale" else 0)
+                )
+                a = expand_tile(wt, srows, mx=mx, math=cfg.dequant != "none")
+                plgpu.wgmma(acc, a, x_smem.at[:, pl.ds(sub * SUB_K, SUB_K)].T)
+            plgpu.wgmma_wait(cfg.inflight)
 
-                @pl.when(j == steps - 1)
-                def _store():
-                    ni, mi, si = unit(t)
-                    if cfg.inflight:
-                        plgpu.wgmma_wait(0)
-                    res = acc[...]
-                    acc[...] = plgpu.layout_cast(jnp.zeros((ROWS, mt), jnp.float32), plgpu.Layout.WGMMA)
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last unit's store has read o_smem
-                    if fused:
-                        (e,) = e_smem
-                        mult = lax.broadcast_in_dim(plgpu.load(e.at[0], (), layout=_ROW_LAYOUT), (ROWS, mt), (0,))
-                        y = res * mult
-                        if biased:
-                            y = y + lax.broadcast_in_dim(plgpu.load(e.at[1], (), layout=_ROW_LAYOUT), (ROWS, mt), (0,))
-                        y = y.astype(out_dtype)
-                        # Stored transposed ([tokens, rows]): the output is (M, N) like the xla path's.
-                        plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(y, plgpu.Layout.WGMMA_TRANSPOSED)
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(mi * mt, mt), pl.ds(ni * ROWS, ROWS)])
-                    else:
-                        o_smem[...] = res
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * ROWS, ROWS), pl.ds(mi * mt, mt)])
+            @pl.when(j == steps - 1)
+            def _store():
+                ni, mi, si = unit(t)
+                if cfg.inflight:
+                    plgpu.wgmma_wait(0)
+                res = acc[...]
+                acc[...] = plgpu.layout_cast(jnp.zeros((ROWS, mt), jnp.float32), plgpu.Layout.WGMMA)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last unit's store has read o_smem
+                o = o_smem.at[g] if wgs > 1 else o_smem
+                row0 = ni * rows + g * ROWS
+                if fused:
+                    mult = lax.broadcast_in_dim(plgpu.load(e_smem.at[0, rs], (), layout=_ROW_LAYOUT), (ROWS, mt), (0,))
+                    y = res * mult
+                    if biased:
+                        bias = plgpu.load(e_smem.at[1, rs], (), layout=_ROW_LAYOUT)
+                        y = y + lax.broadcast_in_dim(bias, (ROWS, mt), (0,))
+                    y = y.astype(out_dtype)
+                    # Stored transposed ([tokens, rows]): the output is (M, N) like the xla path's.
+                    plgpu.transpose_ref(o, (1, 0))[...] = plgpu.layout_cast(y, plgpu.Layout.WGMMA_TRANSPOSED)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(o, o_gmem.at[pl.ds(mi * mt, mt), pl.ds(row0, ROWS)])
+                else:
+                    o[...] = res
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(o, o_gmem.at[si, pl.ds(row0, ROWS), pl.ds(mi * mt, mt)])
 
-            x_swz, w_swz = _swizzled(jnp.bfloat16, 128), _swizzled(jnp.uint8, 64)
-            specs = [
-                # read by wgmma from shared memory: released once no wgmma of its step can be running
-                plgpu.BlockSpec(
-                    (mt, bk), lambda t, j: (unit(t)[1], kstep(t, j)), transforms=x_swz, delay_release=cfg.inflight
-                ),
-                plgpu.BlockSpec((ROWS, bk // 2), lambda t, j: (unit(t)[0], kstep(t, j)), transforms=w_swz),
-                plgpu.BlockSpec((bk // blk, ROWS), lambda t, j: (kstep(t, j), unit(t)[0])),
-            ]
-            if fused:  # the unit's row multipliers (and biases), read at its last step
-                specs.append(plgpu.BlockSpec((epilogue.shape[0], ROWS), lambda t, j: (0, unit(t)[0])))
-            plgpu.emit_pipeline(body, grid=(count, steps), in_specs=specs, max_concurrent_steps=cfg.stages)(
-                x_gmem, w_gmem, s_gmem, *((e_gmem,) if fused else ())
-            )
+        x_swz, w_swz = _swizzled(jnp.bfloat16, 128), _swizzled(jnp.uint8, 64)
+        # The activation tile is read by wgmma from shared memory: released once no wgmma of its
+        # step can be running. (The warp-specialized pipeline releases all of a step's inputs at
+        # once, so there they are all held as long.)
+        late = cfg.inflight if wgs > 1 else 0
+        specs = [
+            plgpu.BlockSpec((mt, bk), lambda t, j: (unit(t)[1], kstep(t, j)), transforms=x_swz, delay_release=cfg.inflight),
+            plgpu.BlockSpec((rows, bk // 2), lambda t, j: (unit(t)[0], kstep(t, j)), transforms=w_swz, delay_release=late),
+            plgpu.BlockSpec((bk // blk, rows), lambda t, j: (kstep(t, j), unit(t)[0]), delay_release=late),
+        ]
+        if fused:  # the unit's row multipliers (and biases), read at its last step
+            specs.append(plgpu.BlockSpec((epilogue.shape[0], rows), lambda t, j: (0, unit(t)[0]), delay_release=late))
+        gmem = (x_gmem, w_gmem, s_gmem, *((e_gmem,) if fused else ()))
+        zero_acc = plgpu.ACC((ROWS, mt), jnp.float32)
 
-        pl.run_scoped(with_acc, plgpu.ACC((ROWS, mt), jnp.float32))
+        if wgs == 1:
+
+            def with_acc(acc):
+                def body(idx, x_smem, w_smem, s_smem, *e_smem):
+                    step(idx, x_smem, w_smem, s_smem, e_smem[0] if fused else None, acc, 0)
+
+                plgpu.emit_pipeline(body, grid=(count, steps), in_specs=specs, max_concurrent_steps=cfg.stages)(*gmem)
+
+            pl.run_scoped(with_acc, zero_acc)
+        else:
+
+            def body(idx, x_smem, w_smem, s_smem, *rest):
+                *e_smem, acc = rest
+                step(idx, x_smem, w_smem, s_smem, e_smem[0] if fused else None, acc, lax.axis_index("wg"))
+                return acc
+
+            def compute(run):  # each consumer's accumulator lives across all its units
+                def with_acc(acc):
+                    run(acc)
+
+                pl.run_scoped(with_acc, zero_acc)
+
+            plgpu.emit_pipeline_warp_specialized(
+                body,
+                grid=(count, steps),
+                memory_registers=40,
+                in_specs=specs,
+                wg_axis="wg",
+                num_compute_wgs=wgs,
+                max_concurrent_steps=cfg.stages,
+                compute_context=compute,
+            )(*gmem)
         plgpu.wait_smem_to_gmem(0)
 
     if fused:
         out_type = jax.ShapeDtypeStruct((mp, np_), out_dtype)
-        o_smem = plgpu.SMEM((mt, ROWS), out_dtype, transforms=_swizzled(out_dtype, 128))
+        o_shape, o_dtype, o_tf = (mt, ROWS), out_dtype, _swizzled(out_dtype, 128)
         args = (x, codes, scales_t, epilogue)
     else:
         out_type = jax.ShapeDtypeStruct((split, np_, mp), jnp.float32)
-        o_smem = plgpu.SMEM((ROWS, mt), jnp.float32)
+        o_shape, o_dtype, o_tf = (ROWS, mt), jnp.float32, ()
         args = (x, codes, scales_t)
+    o_smem = plgpu.SMEM(((wgs,) if wgs > 1 else ()) + o_shape, o_dtype, transforms=o_tf)
+    threads = dict(num_threads=wgs + 1, thread_name="wg") if wgs > 1 else {}
     f = plgpu.kernel(
         kernel,
         out_type=out_type,
@@ -392,6 +455,7 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
         grid_names=("c",),
         scratch_types=dict(o_smem=o_smem),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        **threads,
     )
     return f(*args)
 

@@ -230,7 +230,10 @@ def choose_mgpu_config(m: int, n: int, k: int, fmt: FP4Format = FP4Format.NVFP4,
     per unit of work up to 3 units per SM (at 4096 x 6144, M = 1, 384 one-unit CTAs took 10.2 us
     where 192 CTAs of two units took 12.5: more resident warpgroups hide the expansion's
     latency; ``kernels/results/tune-mgpu-*.json``), beyond that a persistent grid of as many
-    CTAs as fit at once (at most two per SM) sharing the units evenly."""
+    CTAs as fit at once (at most two per SM) sharing the units evenly.
+
+    From :data:`WS_MIN_M` tokens on, where ``n`` is a multiple of 128, the warp-specialized form
+    (``wgs=2``, :func:`_ws_config`) where it fits in shared memory and has work for most SMs."""
     from jaxfp4.kernels import w4a16_mgpu as K
 
     bucket = m_bucket(m)
@@ -239,6 +242,8 @@ def choose_mgpu_config(m: int, n: int, k: int, fmt: FP4Format = FP4Format.NVFP4,
             return K.MgpuConfig(**rec["config"])
     mt = K.token_tile(m)
     np_, sms = -(-n // K.ROWS) * K.ROWS, sm_count()
+    if m >= WS_MIN_M and np_ % (2 * K.ROWS) == 0 and (ws := _ws_config(m, np_, k, out_bytes, sms, fmt)):
+        return ws
     tiles, split = K.work_units(m, np_, 1), 1
     while tiles * split < 256 and k % (256 * split * 2) == 0 and k // (split * 2) >= 1024:
         split *= 2
@@ -258,6 +263,46 @@ def choose_mgpu_config(m: int, n: int, k: int, fmt: FP4Format = FP4Format.NVFP4,
     return K.MgpuConfig(bk, split, stages, ctas=-(-units // per_cta))
 
 
+# Tokens from which the heuristic picks the warp-specialized kernel form (two consumer warpgroups
+# share each activation tile, so activations are read from L2 half as often, and one warpgroup's
+# expansion overlaps the other's wgmma). Measured on the H100 (kernels/results/tune-mgpu-*.json,
+# session 13), GPU time per layer, one-warpgroup form -> warp-specialized:
+#   M = 128: 4096 x 14336 42.1 -> 31.1 us, 8192 x 8192 39.3 -> 37.9, 14336 x 4096 35.3 -> 34.2;
+#   M = 256: 4096 x 14336 87.0 -> 50.5 (112 units), but 8192 x 8192 79.3 -> 91.5 (64 units) and
+#   14336 x 4096 70.8 -> 153.9 (32 units): 256-token tiles leave no room for split-K partials;
+#   M = 1024: 287 -> 189, 278 -> 158, 322 -> 186; M = 4096: 1143 -> 685, 1114 -> 626, 1281 -> 742.
+# At M = 1 and 16 it won on 4096 x 14336 (19.6 / 21.2 -> 18.4 / 19.5 us) and lost on 14336 x 4096
+# (18.3 -> 20.8), so decode keeps the one-warpgroup form (and its tuned records).
+WS_MIN_M = 65
+WS_MIN_UNITS = 0.7  # times the SM count: fewer units of work than that leave SMs idle (see M = 256)
+
+
+def _ws_config(m: int, np_: int, k: int, out_bytes: int, sms: int, fmt: FP4Format):
+    """The warp-specialized config (one CTA per SM: 128-row tiles): split K while the units stay
+    within one per SM (each split >= 512 K) and the float32 partial tiles fit; 256-K steps with up
+    to 4 stages if two fit in shared memory, else 128-K steps; a persistent grid of at most one
+    CTA per SM. None if nothing fits or there are fewer than ``WS_MIN_UNITS`` units per SM."""
+    from jaxfp4.kernels import w4a16_mgpu as K
+
+    mt, blk = K.token_tile(m), fmt.block_size
+    tiles, split = K.work_units(m, np_, 1, 2), 1
+    while tiles * split * 2 <= sms and k % (K.SUB_K * split * 2) == 0 and k // (split * 2) >= 512:
+        split *= 2
+    while split >= 1:
+        ks, ob = k // split, out_bytes if split == 1 else 4
+        for bk in (256, 128):
+            stages = 4
+            while stages > 2 and K.smem_bytes(mt, bk, stages, ob, blk, 2) > K.SMEM_LIMIT:
+                stages -= 1
+            if ks % bk == 0 and K.smem_bytes(mt, bk, stages, ob, blk, 2) <= K.SMEM_LIMIT:
+                units = tiles * split
+                if units < WS_MIN_UNITS * sms:
+                    return None
+                return K.MgpuConfig(bk, split, stages, ctas=-(-units // -(-units // sms)), wgs=2)
+        split //= 2
+    return None
+
+
 # Rows of activations from which ``forward`` expands the weight once per call and runs XLA's
 # tensor-core GEMM (cuBLAS) on it instead of an FP4 kernel: ``"bf16"`` for W4A16 / W4A4 (the
 # reference's bf16 weight), ``"fp8"`` for MXFP4 W4A8 (an exact FP8 weight on the FP8 tensor cores,
@@ -267,19 +312,36 @@ def choose_mgpu_config(m: int, n: int, k: int, fmt: FP4Format = FP4Format.NVFP4,
 # (kernels/results/prefill-probe-*.json), W4A16 dense vs kernel: M = 512 169.7 vs 166.7 us
 # (4096 x 14336), M = 768 0.66-0.68x vs 0.57-0.64x of bf16 (three Llama shapes), M = 4096 0.92x vs
 # 0.64x; W4A8 (FP8 GEMM): M = 768 a tie, M = 1024 and up the dense path.
+# Since the warp-specialized kernel form (session 13, same probe), bf16 activations stay on the
+# kernel wherever the heuristic picks that form (:func:`uses_dense`): kernel vs dense, of bf16,
+# M = 768 0.97 / 0.79 / 0.80x vs 0.68 / 0.67 / 0.67x (4096 x 14336, 14336 x 4096, 8192 x 8192),
+# M = 2048 1.03 / 0.98 / 1.00x vs 0.85 / 0.84 / 0.84x, M = 4096 1.03 / 0.98 / 1.00x vs 0.91x each.
+# W4A8 keeps its FP8 GEMM from M = 1024 (M = 4096: 1.25 / 0.97 / 1.19x vs the kernel's 0.97 / 0.70
+# / 0.86x on FP8 values in bf16).
 DENSE_MIN_M = {"bf16": 768, "fp8": 1024}
 
 
-def uses_dense(m: int, acts: str = "bf16") -> bool:
+def uses_dense(m: int, acts: str = "bf16", params: Fp4LinearParams | None = None) -> bool:
     """Whether ``forward`` runs the expand-then-GEMM path for ``m`` rows (``acts`` as
-    :data:`DENSE_MIN_M`)."""
-    return m >= DENSE_MIN_M[acts]
+    :data:`DENSE_MIN_M`). With ``params``: not where bf16 activations go to the warp-specialized
+    Mosaic GPU kernel (a single-shard kernel layout and a config with ``wgs == 2`` for bf16
+    outputs), which is faster there."""
+    if m < DENSE_MIN_M[acts]:
+        return False
+    if acts != "bf16" or params is None or not _mgpu_layout(params):
+        return True
+    kl = params.kernel_layout
+    return choose_mgpu_config(m, kl.codes.shape[0], kl.codes.shape[1] * 2, params.weight.format).wgs == 1
+
+
+def _mgpu_layout(params: Fp4LinearParams) -> bool:
+    kl = params.kernel_layout
+    return kl is not None and kl.shards == 1 and not _interpret
 
 
 def uses_mgpu(params: Fp4LinearParams, m: int, acts: str = "bf16") -> bool:
     """Whether ``forward`` runs the Mosaic GPU kernel for ``m`` rows of activations."""
-    kl = params.kernel_layout
-    return kl is not None and kl.shards == 1 and m <= MGPU_MAX_M and not _interpret and not uses_dense(m, acts)
+    return _mgpu_layout(params) and m <= MGPU_MAX_M and not uses_dense(m, acts, params)
 
 
 def dense_forward(
@@ -407,7 +469,7 @@ def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None, out_d
     elif isinstance(r, MXFP4W4A8):
         x2 = quantize_fp8_static(x2, params.input_scale)  # FP8 codes; the scale goes to the epilogue
         acts = "fp8"
-    if uses_dense(x2.shape[0], acts):  # (this backend runs only on a GPU or in interpret mode)
+    if uses_dense(x2.shape[0], acts, params):  # (this backend runs only on a GPU or in interpret mode)
         y = dense_forward(x2, params, acts, bias, out_dtype)
     elif uses_mgpu(params, x2.shape[0], acts):
         if acts == "fp8":

@@ -139,15 +139,39 @@ def test_layout_row_scale_is_the_kernels_epilogue_multiplier(recipe):
 @pytest.mark.parametrize(("n", "k"), [(64, 512), (6144, 4096), (28672, 4096), (4096, 14336), (1000, 160 + 96)])
 def test_heuristic_mgpu_config_is_valid(fmt, m, n, k):
     """Untuned shapes: the config divides K, fits in shared memory, and its grid gives every
-    CTA at least one unit of work with no more CTAs than 3 per SM (one wave)."""
+    CTA at least one unit of work with no more CTAs than 3 per SM (one wave; warp-specialized:
+    one per SM), which it picks from ``WS_MIN_M`` tokens where N allows 128-row tiles."""
     np_, kp = -(-n // K.ROWS) * K.ROWS, -(-k // K.SUB_K) * K.SUB_K
     with pallas.tuned_override([]):
         cfg = pallas.choose_mgpu_config(m, np_, kp, fmt)
     blk = fmt.block_size
-    assert kp % (cfg.bk * cfg.split_k) == 0 and cfg.bk % K.SUB_K == 0
-    assert K.smem_bytes(K.token_tile(m), cfg.bk, cfg.stages, 2 if cfg.split_k == 1 else 4, blk) <= K.SMEM_LIMIT
-    units = K.work_units(m, np_, cfg.split_k)
-    assert 1 <= cfg.ctas <= min(units, 3 * pallas.sm_count())
+    assert kp % (cfg.bk * cfg.split_k) == 0 and cfg.bk % K.SUB_K == 0 and np_ % cfg.rows == 0
+    smem = K.smem_bytes(K.token_tile(m), cfg.bk, cfg.stages, 2 if cfg.split_k == 1 else 4, blk, cfg.wgs)
+    assert smem <= K.SMEM_LIMIT
+    units = K.work_units(m, np_, cfg.split_k, cfg.wgs)
+    assert 1 <= cfg.ctas <= min(units, (3 if cfg.wgs == 1 else 1) * pallas.sm_count())
+    if cfg.wgs == 2:
+        assert m >= pallas.WS_MIN_M and np_ % 128 == 0 and units >= pallas.WS_MIN_UNITS * pallas.sm_count()
+    else:
+        assert m < pallas.WS_MIN_M or np_ % 128 or pallas._ws_config(m, np_, kp, 2, pallas.sm_count(), fmt) is None
+
+
+@pytest.mark.parametrize(
+    ("m", "k", "n", "wgs"),
+    [
+        (1, 4096, 14336, 1),  # decode: one-warpgroup CTAs
+        (128, 4096, 14336, 2),
+        (128, 14336, 4096, 2),  # split-K brings 32 row tiles to 128 units
+        (256, 4096, 14336, 2),
+        (256, 14336, 4096, 1),  # 256-token tiles: no room for split-K partials, 32 units
+        (256, 8192, 8192, 1),
+        (1024, 8192, 8192, 2),
+    ],
+)
+def test_heuristic_picks_the_measured_kernel_form(m, k, n, wgs):
+    """The heuristic's form where both were measured on the H100 (pallas.WS_MIN_M's comment)."""
+    with pallas.tuned_override([]):
+        assert pallas.choose_mgpu_config(m, n, k).wgs == wgs
 
 
 def test_tuned_mgpu_records_are_found_and_kept_from_the_triton_kernel():
@@ -180,6 +204,11 @@ def test_mgpu_kernel_lowers_for_cuda_on_cpu_install(mx):
         (304, 128, 512, K.MgpuConfig(128, 1, 2, ctas=3)),  # 4 units (2 row x 2 token tiles) over 3
         (1, 256, 1024, K.MgpuConfig(256, 2, 4, ctas=3, inflight=1)),  # a wgmma left running across steps
         (64, 64, 2048, K.MgpuConfig(256, 1, 3, inflight=1)),
+        # Warp-specialized: a producer warpgroup and two consumers of 64 rows each.
+        (1, 256, 1024, K.MgpuConfig(256, 2, 4, wgs=2)),
+        (1, 384, 1024, K.MgpuConfig(256, 1, 3, ctas=2, wgs=2)),  # 3 units over 2 CTAs
+        (304, 128, 512, K.MgpuConfig(128, 1, 2, wgs=2)),
+        (1, 384, 1024, K.MgpuConfig(256, 2, 3, ctas=2, wgs=2, inflight=1)),
     ]
     for m, n, k, cfg in cases:
         args = [
@@ -206,6 +235,8 @@ def test_mgpu_kernel_lowers_for_cuda_on_cpu_install(mx):
         (5, 512, K.MgpuConfig(256, 2, 2), True, "split_k == 1"),  # the fused epilogue needs one split
         (256, 512, K.MgpuConfig(128, 1, 3), False, "shared memory"),  # 3 x 69 KiB stages + 64 KiB out
         (5, 512, K.MgpuConfig(256, 1, 1, inflight=1), False, "inflight"),  # needs a second stage
+        (5, 512, K.MgpuConfig(256, 1, 2, wgs=2), False, "bad shapes"),  # 64 rows: no 128-row tile
+        (5, 512, K.MgpuConfig(256, 1, 2, wgs=3), False, "wgs must be"),
     ],
 )
 def test_mgpu_kernel_rejects_bad_shapes(m, k, cfg, fused, match):
@@ -241,12 +272,23 @@ def test_mgpu_kernel_rejects_bad_shapes(m, k, cfg, fused, match):
         (1, 320, 1024, K.MgpuConfig(256, 2, 3, ctas=3, inflight=1)),
         (16, 448, 2048, K.MgpuConfig(512, 1, 4, ctas=4, inflight=1)),
         (300, 128, 512, K.MgpuConfig(128, 1, 2, inflight=1)),
+        # Warp-specialized (a producer warpgroup, two consumers of 64 rows of each 128-row tile).
+        (1, 256, 1024, K.MgpuConfig(256, 2, 4, wgs=2)),
+        (16, 384, 2048, K.MgpuConfig(512, 1, 4, ctas=2, wgs=2)),  # 3 units: 2, 1; fused epilogue
+        (40, 128, 1024, K.MgpuConfig(128, 2, 3, ctas=1, wgs=2)),  # both K splits in one CTA
+        (300, 256, 512, K.MgpuConfig(128, 1, 2, wgs=2)),  # two 256-token tiles (bf16 out: smem)
+        (128, 512, 4096, K.MgpuConfig(128, 4, 3, ctas=3, wgs=2)),  # 16 units over 3 CTAs
+        (8, 512, 4096, K.MgpuConfig(256, 4, 8, ctas=3, wgs=2)),  # deeper than a unit
+        (16, 384, 2048, K.MgpuConfig(512, 1, 4, ctas=2, wgs=2, inflight=1)),
+        (300, 256, 1024, K.MgpuConfig(128, 1, 2, ctas=3, wgs=2, inflight=1)),
     ],
 )
 def test_mgpu_kernel_equals_exact_product_on_gpu(fmt, m, n, k, cfg):
     """Partials times 2**c (split-K) or the fused epilogue's float32 output (one split; row
     multipliers and biases applied in the kernel) against the float64 product, within float32
-    summation: K * 2**-24 of sum|products| (plus the epilogue's two roundings, 2**-23 of |y|)."""
+    summation: K * 2**-24 of sum|products| (plus the epilogue's two roundings, 2**-23 of |y|).
+    The fused form writes float32 where its output tile fits in shared memory, else bf16 (one
+    more rounding: 2**-8 of |y|)."""
     mx = fmt is FP4Format.MXFP4
     q = _weight(m, n, k, fmt)
     x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
@@ -259,12 +301,14 @@ def test_mgpu_kernel_equals_exact_product_on_gpu(fmt, m, n, k, cfg):
         alpha = jax.random.uniform(jax.random.key(1), (n,), jnp.float32, 0.5, 2.0)
         bias = jax.random.normal(jax.random.key(2), (n,), jnp.float32)
         a = np.asarray(alpha, np.float64)
+        fits = K.smem_bytes(K.token_tile(m), cfg.bk, cfg.stages, 4, fmt.block_size, cfg.wgs) <= K.SMEM_LIMIT
+        out, rnd = (jnp.float32, 2.0**-23) if fits else (jnp.bfloat16, 2.0**-23 + 2.0**-8)
         for b in (bias, None):  # a bias row, and none (the epilogue's second row left out)
             e = K.epilogue_rows(K.row_multipliers(alpha, mx), b)
-            y = K.fp4_matmul_fused_mgpu(xp, codes, scales, e, cfg=cfg, mx=mx, out_dtype=jnp.float32)
+            y = K.fp4_matmul_fused_mgpu(xp, codes, scales, e, cfg=cfg, mx=mx, out_dtype=out)
             want = (xf @ w.T) * a + (0.0 if b is None else np.asarray(b, np.float64))
-            got = np.asarray(y, np.float64)[:m]
-            assert np.all(np.abs(got - want) <= k * 2.0**-24 * mag * a + 2.0**-23 * np.abs(want) + 1e-30)
+            got = np.asarray(y.astype(jnp.float32), np.float64)[:m]
+            assert np.all(np.abs(got - want) <= k * 2.0**-24 * mag * a + rnd * np.abs(want) + 1e-30)
     else:
         parts = K.fp4_matmul_partials_mgpu(xp, codes, scales, cfg=cfg, mx=mx)
         got = np.asarray(parts, np.float64).sum(0).T[:m] * 2.0 ** K.epilogue_exponent(mx)
@@ -275,7 +319,14 @@ def test_mgpu_kernel_equals_exact_product_on_gpu(fmt, m, n, k, cfg):
 @pytest.mark.parametrize("recipe", [pytest.param(r, id=r.name) for r in RECIPES])
 @pytest.mark.parametrize(
     ("lead", "n", "k"),
-    [((1,), 4096, 1024), ((2, 3), 200, 160), ((16,), 1000, 512), ((64,), 256, 2048), ((300,), 320, 512)],
+    [
+        ((1,), 4096, 1024),
+        ((2, 3), 200, 160),
+        ((16,), 1000, 512),
+        ((64,), 256, 2048),
+        ((96,), 384, 1024),  # the heuristic's warp-specialized form
+        ((300,), 320, 512),
+    ],
 )
 def test_fp4_linear_with_kernel_layout_matches_xla_on_gpu(recipe, lead, n, k, monkeypatch):
     """Every M through the Mosaic GPU kernel (the dispatch limit lifted), split-K and fused."""

@@ -34,7 +34,8 @@ def _run(x, p, dense_from: int, interpret: bool):
     limits = {"bf16": dense_from, "fp8": dense_from}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pallas, "DENSE_MIN_M", limits)
-        assert pallas.uses_dense(x.size // x.shape[-1], "fp8" if isinstance(p.recipe, MXFP4W4A8) else "bf16")
+        mp.setattr(pallas, "WS_MIN_M", 1 << 62)  # no warp-specialized kernel form to keep the rows
+        assert pallas.uses_dense(x.size // x.shape[-1], "fp8" if isinstance(p.recipe, MXFP4W4A8) else "bf16", p)
         if interpret:
             with pallas_interpret():
                 return jax.jit(lambda x, p: jaxfp4.fp4_linear(x, p, backend="pallas"))(x, p)
@@ -81,6 +82,21 @@ def test_small_m_keeps_the_fp4_kernels():
     assert not pallas.uses_dense(pallas.DENSE_MIN_M["bf16"] - 1) and pallas.uses_dense(pallas.DENSE_MIN_M["bf16"])
     p = jaxfp4.prepare_weights(_params(RECIPES[0], 64, 256))
     assert not pallas.uses_mgpu(p, pallas.DENSE_MIN_M["bf16"])  # the dense path takes over from there
+
+
+@pytest.mark.parametrize("recipe", [pytest.param(r, id=r.name) for r in RECIPES])
+def test_large_m_stays_on_the_warp_specialized_kernel(recipe):
+    """bf16 activations (W4A16, W4A4) at prefill sizes stay on the Mosaic GPU kernel where its
+    warp-specialized form serves them (128-row tiles, enough units); W4A8 keeps its FP8 GEMM,
+    and an N without 128-row tiles the dense path."""
+    p = jaxfp4.prepare_weights(_params(recipe, 4096, 1024))
+    fp8 = isinstance(recipe, MXFP4W4A8)
+    acts = "fp8" if fp8 else "bf16"
+    with pallas.tuned_override([]):
+        for m in (pallas.DENSE_MIN_M[acts], 4096):
+            assert pallas.uses_mgpu(p, m, acts) != fp8 and pallas.uses_dense(m, acts, p) == fp8
+        odd = jaxfp4.prepare_weights(_params(recipe, 4096 - 64, 1024))
+        assert pallas.uses_dense(4096, acts, odd) and not pallas.uses_mgpu(odd, 4096, acts)
 
 
 @requires_gpu
