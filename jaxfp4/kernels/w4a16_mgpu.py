@@ -350,7 +350,7 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
             return unit(t)[2] * steps + j
 
         def step(idx, x_smem, w_smem, s_smem, e_smem, acc, g):
-            """One pipeline step of compute warpgroup ``g`` (rows ``64 g`` on of the stage's tile)."""
+            """One pipeline step of compute warpgroup ``g`` (rows ``64 g .. 64 g + 63`` of the stage's tile)."""
             t, j = idx
             rs = pl.ds(g * ROWS, ROWS) if wgs > 1 else slice(None)
             for sub in range(nsub if cfg.dequant != "skip" else 0):
@@ -402,7 +402,7 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
         if fused:  # the unit's row multipliers (and biases), read at its last step
             specs.append(plgpu.BlockSpec((epilogue.shape[0], rows), lambda t, j: (0, unit(t)[0]), delay_release=late))
         gmem = (x_gmem, w_gmem, s_gmem, *((e_gmem,) if fused else ()))
-        zero_acc = plgpu.ACC((ROWS, mt), jnp.float32)
+        acc_spec = plgpu.ACC((ROWS, mt), jnp.float32)  # zero-initialized
 
         if wgs == 1:
 
@@ -412,7 +412,7 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
 
                 plgpu.emit_pipeline(body, grid=(count, steps), in_specs=specs, max_concurrent_steps=cfg.stages)(*gmem)
 
-            pl.run_scoped(with_acc, zero_acc)
+            pl.run_scoped(with_acc, acc_spec)
         else:
 
             def body(idx, x_smem, w_smem, s_smem, *rest):
@@ -424,7 +424,7 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
                 def with_acc(acc):
                     run(acc)
 
-                pl.run_scoped(with_acc, zero_acc)
+                pl.run_scoped(with_acc, acc_spec)
 
             plgpu.emit_pipeline_warp_specialized(
                 body,

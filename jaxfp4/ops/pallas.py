@@ -169,8 +169,9 @@ def default_split(n: int, k: int, bn: int, bk: int, programs: int = 264) -> int:
     return split
 
 
-# Rows served by the Mosaic GPU kernel when the params carry its layout: every M below DENSE_MIN_M
-# (from there the dense path runs; see below). On the H100 it
+# Rows served by the Mosaic GPU kernel when the params carry its layout: every M below DENSE_MIN_M,
+# and above it wherever its warp-specialized form serves bf16 activations (elsewhere the dense
+# path runs; see uses_dense). On the H100 it
 # beat the Triton kernel at M = 4096 (0.57-0.65x of bf16 vs 0.41-0.48x) and matched it at M = 128
 # (kernels/results/history/gemm-*-2026-11-23.json, "pallas" and "pallas_triton"); lower this
 # in the kernel lab to compare.
