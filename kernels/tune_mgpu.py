@@ -35,33 +35,53 @@ from kernels.bench_gemm import COPIES, gpu_us, random_weight
 from kernels.probe_mgpu import layout
 
 
+@dataclasses.dataclass(frozen=True)
+class _Form:
+    """What the sweep tries for one kernel form: K splits of at least ``min_k`` leaving fewer than
+    ~``units_per_sm`` units per SM, steps of ``bks`` K, as many stages (up to 8) as fit in the
+    shared memory of each of ``resident`` CTAs per SM, and (``one_per_unit``) one CTA per unit
+    beside the persistent grid."""
+
+    min_k: int
+    units_per_sm: int
+    bks: tuple[int, ...]
+    resident: tuple[int, ...]
+    one_per_unit: bool
+
+
+_FORMS = {
+    # One-warpgroup CTAs: one per SM with a deep pipeline lost everywhere (2026-11-23).
+    1: _Form(min_k=1024, units_per_sm=2, bks=(256, 512), resident=(2, 3, 4), one_per_unit=True),
+    # Warp-specialized CTAs: one per SM (their consumers take most of the register file).
+    2: _Form(min_k=512, units_per_sm=4, bks=(128, 256, 512), resident=(1,), one_per_unit=False),
+}
+
+
 def candidates(
     m: int, n: int, k: int, sms: int, wgs: tuple[int, ...] = (1,), inflight: tuple[int, ...] = (0,)
 ) -> list[K.MgpuConfig]:
-    """One-warpgroup CTAs (``1 in wgs``): K splits that leave at most ~2 units per SM, 256- or
-    512-K steps, as many stages (up to 8) as fit in the shared memory of 2, 3 or 4 CTAs per SM;
-    the persistent grid for that many CTAs per SM and one CTA per unit. Warp-specialized CTAs
-    (``2 in wgs``, one per SM: their consumers take most of the register file): K splits up to
-    ~4 units per SM, 128-, 256- or 512-K steps, as many stages (up to 8) as fit in one CTA's
-    shared memory, a persistent grid of at most one CTA per SM, each with ``inflight`` in
-    ``inflight`` (one-warpgroup CTAs: 0 only; it lost everywhere, 2026-11-23)."""
+    """Configs of the forms ``wgs`` (:data:`_FORMS`): one-warpgroup CTAs with K splits that leave
+    at most ~2 units per SM, 256- or 512-K steps, stages filling 2, 3 or 4 CTAs per SM, the
+    persistent grid for that many CTAs per SM and one CTA per unit; warp-specialized CTAs with
+    up to ~4 units per SM, 128-, 256- or 512-K steps, stages filling one CTA per SM, a persistent
+    grid of at most one CTA per SM, each with every ``inflight`` value (one-warpgroup CTAs: 0
+    only; it lost everywhere, 2026-11-23)."""
     mt = K.token_tile(m)
     out: list[K.MgpuConfig] = []
     for g in wgs:
+        form = _FORMS[g]
         if n % (K.ROWS * g):
             continue
         tiles = K.work_units(m, n, 1, g)
         for split in (1, 2, 4, 8):
             ks = k // split
-            if g == 1 and (k % split or ks % 256 or ks < 1024 or (split > 1 and tiles * split // 2 >= 2 * sms)):
+            if k % split or ks < form.min_k or (split > 1 and tiles * split // 2 >= form.units_per_sm * sms):
                 continue
-            if g == 2 and (k % split or ks % 128 or ks < 512 or (split > 1 and tiles * split // 2 >= 4 * sms)):
-                continue
-            for bk in (256, 512) if g == 1 else (128, 256, 512):
+            for bk in form.bks:
                 if ks % bk:
                     continue
                 out_bytes = 2 if split == 1 else 4
-                for resident in (2, 3, 4) if g == 1 else (1,):  # one-warpgroup CTAs: one per SM lost (2026-11-23)
+                for resident in form.resident:
                     budget = K.SMEM_LIMIT // resident - 1024
                     stages = 2
                     while stages < 8 and K.smem_bytes(mt, bk, stages + 1, out_bytes, wgs=g) <= budget:
@@ -72,8 +92,8 @@ def candidates(
                     per = -(-units // (resident * sms))
                     # The persistent grid sized for `resident` CTAs per SM, and one CTA per unit (the
                     # GPU then packs as many per SM as registers and shared memory allow).
-                    for ctas in (-(-units // per), units) if g == 1 else (-(-units // per),):
-                        for fl in (0,) if g == 1 else inflight:
+                    for ctas in (-(-units // per), units) if form.one_per_unit else (-(-units // per),):
+                        for fl in inflight if g > 1 else (0,):
                             cfg = K.MgpuConfig(bk, split, stages, ctas=ctas, inflight=fl, wgs=g)
                             if cfg not in out:
                                 out.append(cfg)
