@@ -41,7 +41,9 @@ How it streams weights at HBM speed on a GPU without FP4 tensor cores:
   1`` in the chunk's first 16 elements, ``j = 2, 3`` in the second), so a thread applies two
   multipliers per word; MXFP4 words lie in one block.
 * Scales are stored transposed, ``(K / B, N)`` bytes, so that one block column of a tile is a
-  contiguous row that loads straight into wgmma's row layout.
+  contiguous row that loads straight into wgmma's row layout; NVFP4's E4M3 scales re-encoded so
+  that one integer multiply-add makes each bf16 multiplier (:func:`prepare_scales`; zero,
+  negative and NaN scales are carried by the codes and the row multipliers).
 
 Layouts (:func:`prepare_codes`, :func:`prepare_scales`) are produced once, at load time, by pure
 functions; the reference layout (PyTorch's ``(N, K/2)`` bytes, low nibble = even element) stays
@@ -159,9 +161,57 @@ def prepare_codes(codes: jax.Array) -> jax.Array:
     return packed.astype(jnp.uint8).reshape(n, kb)
 
 
+# NVFP4 kernel scale byte of each E4M3 magnitude byte 0..7 (zero and the subnormals m * 2**-9);
+# from 8 on (the normals) it is the magnitude byte + 16. See :func:`prepare_scales`.
+_E4M3_LOW = np.array([0, 0, 8, 12, 16, 18, 20, 22], np.uint8)
+
+
 def prepare_scales(scales: jax.Array) -> jax.Array:
-    """Block scales ``(N, K/B)`` (E4M3 or E8M0 bytes) -> ``(K/B, N)`` uint8, same bytes."""
-    return lax.bitcast_convert_type(scales, jnp.uint8).T if scales.dtype != jnp.uint8 else scales.T
+    """Block scales ``(N, K/B)`` -> the kernel's scale bytes, transposed: ``(K/B, N)`` uint8.
+
+    MXFP4 (E8M0 bytes): the same bytes. NVFP4 (E4M3): the magnitude ``|s| = 2**E * (1 + f/8)``
+    (``E`` in ``[-9, 8]``: subnormals normalized, ``f`` in ``0..7``) as the unsigned byte
+    ``(E + 9) << 3 | f`` (0 to 142), so that the kernel makes its bf16 multiplier ``|s| * 2**118``
+    with one integer multiply-add (byte ``* 16 + 0x7600``: the byte lands on bf16's exponent and
+    top mantissa bits, ``E + 245 = (E + 9) + 236``) instead of float conversions. What this
+    byte cannot say goes into the codes and row multipliers instead (:func:`fold_scale_signs`,
+    :func:`nan_rows`): zero scales, negative scales, NaN."""
+    b = lax.bitcast_convert_type(scales, jnp.uint8) if scales.dtype != jnp.uint8 else scales
+    if scales.dtype == jnp.float8_e4m3fn:
+        mag = b & 0x7F
+        b = jnp.where(mag >= 8, mag + 16, jnp.asarray(_E4M3_LOW)[mag & 7])
+        b = jnp.where(mag == 0x7F, 0, b).astype(jnp.uint8)  # NaN: see nan_rows
+    return b.T
+
+
+def fold_scale_signs(codes: jax.Array, scales: jax.Array) -> jax.Array:
+    """PyTorch-order codes ``(N, K/2)`` with what an NVFP4 kernel scale byte cannot carry moved
+    into them, exactly: the codes of a block whose scale is zero become zero (the block's
+    products are zero either way), those of a negative scale's block have their sign bits flipped
+    (``q * -s = -q * s``). Other formats: unchanged."""
+    if scales.dtype != jnp.float8_e4m3fn:
+        return codes
+    b = lax.bitcast_convert_type(scales, jnp.uint8)
+    n, kb = codes.shape
+    per = codes.reshape(n, b.shape[1], kb // b.shape[1])
+    zero, neg = ((b & 0x7F) == 0)[..., None], (b >= 0x80)[..., None]
+    per = jnp.where(zero, jnp.uint8(0), jnp.where(neg, per ^ jnp.uint8(0x88), per))
+    return per.reshape(n, kb)
+
+
+def kernel_operands(codes: jax.Array, scales: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """PyTorch-order codes ``(N, K/2)`` and block scales ``(N, K/B)`` -> the kernel's codes and
+    scale bytes (:func:`fold_scale_signs`, :func:`prepare_codes`, :func:`prepare_scales`); rows
+    with a NaN scale (:func:`nan_rows`) are the caller's to mark in the row multipliers."""
+    return prepare_codes(fold_scale_signs(codes, scales)), prepare_scales(scales)
+
+
+def nan_rows(scales: jax.Array) -> jax.Array:
+    """bool ``(N,)``: rows with a NaN block scale (E4M3 ``0x7F``/``0xFF``, E8M0 ``0xFF``), whose
+    every product, so every output, is NaN: the kernel gets a NaN row multiplier for them."""
+    b = lax.bitcast_convert_type(scales, jnp.uint8) if scales.dtype != jnp.uint8 else scales
+    nan = (b & 0x7F) == 0x7F if scales.dtype == jnp.float8_e4m3fn else b == 0xFF
+    return nan.any(axis=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,23 +232,6 @@ _EXPAND_ASM = (
     + "}\n"
 )
 
-# Two E4M3 bytes (low: row r, high: row r + 8) -> two bf16x2 registers {s, s} * 2**118.
-_E4M3_PAIR_ASM = """
-{
-.reg .b32 h;
-.reg .b16 a, b;
-.reg .f32 f, g;
-cvt.rn.f16x2.e4m3x2 h, $2;
-mov.b32 {a, b}, h;
-cvt.f32.f16 f, a;
-cvt.f32.f16 g, b;
-mul.f32 f, f, 0f7A800000;
-mul.f32 g, g, 0f7A800000;
-cvt.rn.bf16x2.f32 $0, f, f;
-cvt.rn.bf16x2.f32 $1, g, g;
-}
-"""
-
 
 def _i32(v: int) -> ir.Value:
     return arith.constant(ir.IntegerType.get_signless(32), v)
@@ -210,20 +243,15 @@ def _scalar_i8(reg: ir.Value) -> ir.Value:
 
 
 def _scale_pairs(s_lo: ir.Value, s_hi: ir.Value, mx: bool) -> tuple[ir.Value, ir.Value]:
-    """Scale bytes of rows ``r`` and ``r + 8`` -> bf16x2 multipliers ``{s, s} * 2**(126 - c)``."""
+    """Kernel scale bytes (:func:`prepare_scales`) of rows ``r`` and ``r + 8`` -> bf16x2
+    multipliers ``{s, s} * 2**(126 - c)``, one integer multiply-add each: the byte times
+    ``0x10001 << sh`` puts it at bit ``sh`` of both halves, plus the exponent offset. E8M0 byte
+    ``e``: ``2**(e - 8)``, exponent field ``e + 119`` (``sh = 7``); NVFP4 byte ``(E + 9) << 3 | f``:
+    ``2**(E + 118) * (1 + f/8)``, exponent field ``(E + 9) + 236`` and mantissa ``f << 4``
+    (``sh = 4``)."""
     i32 = ir.IntegerType.get_signless(32)
-    i16 = ir.IntegerType.get_signless(16)
-    lo = arith.extui(i32, s_lo)
-    hi = arith.extui(i32, s_hi)
-    if mx:  # E8M0 byte e -> bf16 2**(e - 8): exponent field e + 119, both halves
-        out = []
-        for v in (lo, hi):
-            f = arith.shli(arith.addi(v, _i32(119)), _i32(7))
-            out.append(arith.ori(f, arith.shli(f, _i32(16))))
-        return out[0], out[1]
-    pair = arith.trunci(i16, arith.ori(lo, arith.shli(hi, _i32(8))))
-    res = llvm.inline_asm(llvm.StructType.get_literal((i32, i32)), [pair], _E4M3_PAIR_ASM, "=r,=r,h")
-    return llvm.extractvalue(i32, res, [0]), llvm.extractvalue(i32, res, [1])
+    sh, off = (7, 119 << 7) if mx else (4, 236 << 7)
+    return tuple(arith.addi(arith.muli(arith.extui(i32, v), _i32(0x10001 << sh)), _i32(off * 0x10001)) for v in (s_lo, s_hi))
 
 
 def _expand_word(word: ir.Value, m01: ir.Value, m23: ir.Value, math: bool = True) -> list[ir.Value]:

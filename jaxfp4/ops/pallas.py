@@ -196,9 +196,10 @@ def prepare_weights(params: Fp4LinearParams) -> Fp4LinearParams:
     np_ = -(-w.n // w4a16_mgpu.ROWS) * w4a16_mgpu.ROWS
     kp = -(-w.k // w4a16_mgpu.SUB_K) * w4a16_mgpu.SUB_K
     codes = jnp.pad(w.codes, ((0, np_ - w.n), (0, (kp - w.k) // 2)))
-    scales = jnp.pad(w.scales, ((0, np_ - w.n), (0, (kp - w.k) // w.block_size)))  # zero bytes
-    row_scale = jnp.pad(w4a16_mgpu.row_multipliers(_kernel_alpha(params), w.format is FP4Format.MXFP4), (0, np_ - w.n))
-    layout = KernelLayout(w4a16_mgpu.prepare_codes(codes), w4a16_mgpu.prepare_scales(scales), row_scale, w.n, w.k)
+    scales = jnp.pad(w.scales, ((0, np_ - w.n), (0, (kp - w.k) // w.block_size)))  # zero codes, zero bytes
+    alpha = jnp.where(w4a16_mgpu.nan_rows(w.scales), jnp.nan, _kernel_alpha(params))  # NaN products
+    row_scale = jnp.pad(w4a16_mgpu.row_multipliers(alpha, w.format is FP4Format.MXFP4), (0, np_ - w.n))
+    layout = KernelLayout(*w4a16_mgpu.kernel_operands(codes, scales), row_scale, w.n, w.k)
     return dataclasses.replace(params, kernel_layout=layout)
 
 

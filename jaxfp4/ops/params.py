@@ -43,15 +43,18 @@ class KernelLayout:
     """A weight re-laid out for the Mosaic GPU kernel (:mod:`jaxfp4.kernels.w4a16_mgpu`).
 
     ``codes``: uint8 ``(Np, Kp/2)``, bytes and nibbles reordered inside each 16-byte chunk
-    (:func:`~jaxfp4.kernels.w4a16_mgpu.prepare_codes`); ``scales``: uint8 ``(Kp/B, Np)``, the
-    block-scale bytes transposed. ``N`` is padded to a multiple of 64 and ``K`` to a multiple
-    of 128 with zero codes (which contribute nothing); ``n``, ``k`` are the unpadded sizes.
-    ``row_scale``: float32 ``(Np,)``, what the kernel multiplies its float32 sums by, per weight
-    row: the row's global multiplier (1 for MXFP4) times ``2**c`` (the kernel's exponent offset,
+    (:func:`~jaxfp4.kernels.w4a16_mgpu.kernel_operands`: zero and negative NVFP4 scales folded
+    into them); ``scales``: uint8 ``(Kp/B, Np)``, the kernel's block-scale bytes, transposed
+    (E8M0 as is, E4M3 re-encoded: :func:`~jaxfp4.kernels.w4a16_mgpu.prepare_scales`). ``N`` is
+    padded to a multiple of 64 and ``K`` to a multiple of 128 with zero codes (which contribute
+    nothing); ``n``, ``k`` are the unpadded sizes. ``row_scale``: float32 ``(Np,)``, what the
+    kernel multiplies its float32 sums by, per weight row: the row's global multiplier (1 for
+    MXFP4) times ``2**c`` (the kernel's exponent offset,
     :func:`~jaxfp4.kernels.w4a16_mgpu.epilogue_exponent`) times the W4A8 activation scale; 0 on
-    padded rows. Made with the rest of the layout so that a call runs no per-layer arithmetic
-    before the kernel; it is a function of the weight's global scales and ``input_scale`` at
-    :func:`~jaxfp4.ops.prepare_weights` time (prepare again after changing either).
+    padded rows, NaN on rows with a NaN block scale. Made with the rest of the layout so that a
+    call runs no per-layer arithmetic before the kernel; it is a function of the weight's global
+    scales and ``input_scale`` at :func:`~jaxfp4.ops.prepare_weights` time (prepare again after
+    changing either).
 
     ``shards > 1``: the layouts of the tensor-parallel shards of the weight (each shard laid out
     on its own, padded on its own), stacked along a new leading axis: ``codes (shards, Np, Kp/2)``,

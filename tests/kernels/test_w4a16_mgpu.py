@@ -28,13 +28,18 @@ from tests.kernels.test_w4a16 import _check_against_reference, _params
 RECIPES = [NVFP4W4A16(), NVFP4W4A4(), MXFP4W4A16(), MXFP4W4A8()]
 
 
+# Every E4M3 byte but the two NaNs: zero, subnormals, negative scales (folded into the codes).
+E4M3_BYTES = np.array([b for b in range(256) if b & 0x7F != 0x7F], np.uint8)
+
+
 def _weight(seed: int, n: int, k: int, fmt: FP4Format) -> QuantizedTensor:
-    """Random codes (every nibble) and scales over the kernel's exact range (E4M3 incl.
-    subnormals; E8M0 exponents 9..135)."""
+    """Random codes (every nibble) and scales over the kernel's exact range (every E4M3 byte but
+    NaN, each at least once where there are 254 blocks; E8M0 exponents 9..135)."""
     rng = np.random.default_rng(seed)
     codes = jnp.asarray(rng.integers(0, 256, (n, k // 2), dtype=np.uint8))
     if fmt is FP4Format.NVFP4:
-        s = jnp.asarray(rng.integers(0, 0x7F, (n, k // 16), dtype=np.uint8)).view(jnp.float8_e4m3fn)
+        b = np.resize(rng.permutation(E4M3_BYTES), n * k // 16).reshape(n, k // 16)
+        s = jnp.asarray(b).view(jnp.float8_e4m3fn)
         return QuantizedTensor(codes, s, jnp.ones((1,), jnp.float32), fmt, (n, k), (n,), GlobalScale.MULTIPLIER)
     s = jnp.asarray(rng.integers(9, 136, (n, k // 32), dtype=np.uint8))
     return QuantizedTensor(codes, s, None, fmt, (n, k), (n,), GlobalScale.NONE)
@@ -54,13 +59,13 @@ def _emulate_expansion(codes_p: np.ndarray, scales_t: np.ndarray, mx: bool) -> n
     words = words[..., 0] | (words[..., 1] << 8) | (words[..., 2] << 16) | (words[..., 3] << 24)  # [n, chunk, p]
     s = scales_t.T  # [n, K/B]
     chunks = np.arange(kb // 16)
+    # The multiplier: one bf16 {s, s} per byte, the integer multiply-add of _scale_pairs (low half).
+    sh, off = (7, 119 << 7) if mx else (4, 236 << 7)
+    mult = _bf16((s.astype(np.uint32) << sh) + off)  # [n, K/B]
     if mx:
-        mult = 2.0 ** (s[:, chunks].astype(np.float64) - 8)[..., None].repeat(4, -1)  # [n, chunk, j]
+        mult = mult[:, chunks][..., None].repeat(4, -1)  # [n, chunk, j]
     else:
-        e4m3 = s.view(ml_dtypes.float8_e4m3fn).astype(np.float64) * 2.0**118
-        b = 2 * chunks[:, None] + (np.arange(4)[None, :] >= 2)  # outputs 2, 3 lie in the chunk's second block
-        mult = e4m3[:, b]
-    mult = _bf16(mult.astype(ml_dtypes.bfloat16).view(np.uint16))  # the multiplier is a bf16 {s, s}
+        mult = mult[:, 2 * chunks[:, None] + (np.arange(4)[None, :] >= 2)]  # outputs 2, 3: the second block
     a = np.zeros((n, kb // 16, 4, 4, 2))  # [n, chunk, j, p, e]
     for j in range(4):
         q = (words << np.uint32(4 * j)) & np.uint32(0xFFFFFFFF)
@@ -76,7 +81,7 @@ def test_register_expansion_reproduces_the_weight_in_natural_order(fmt):
     n, k = 48, 256
     q = _weight(0, n, k, fmt)
     mx = fmt is FP4Format.MXFP4
-    a = _emulate_expansion(np.asarray(K.prepare_codes(q.codes)), np.asarray(K.prepare_scales(q.scales)), mx)
+    a = _emulate_expansion(*(np.asarray(v) for v in K.kernel_operands(q.codes, q.scales)), mx)
     w = np.asarray(jaxfp4.dequantize(q, dtype=jnp.float32), np.float64)
     assert np.array_equal(a, w)  # every product exact, every element in its place
 
@@ -92,6 +97,47 @@ def test_prepare_codes_is_a_nibble_permutation_inside_each_chunk():
         for j in range(4):
             assert np.array_equal(nib(p)[:, :, p_, 3 - j], natural[:, :, 8 * j + 2 * p_])
             assert np.array_equal(nib(p)[:, :, p_, 7 - j], natural[:, :, 8 * j + 2 * p_ + 1])
+
+
+def test_nvfp4_kernel_scale_bytes_decode_to_every_e4m3_magnitude():
+    """All 256 E4M3 bytes: the kernel's byte (E4M3 magnitude re-encoded) times 16 plus 0x7600 is
+    the bf16 bits of ``|s| * 2**118`` exactly, subnormals included; NaN bytes go to 0 (their rows
+    get a NaN multiplier instead)."""
+    b = np.arange(256, dtype=np.uint8)
+    kb = np.asarray(K.prepare_scales(jnp.asarray(b[None]).view(jnp.float8_e4m3fn)))[:, 0]
+    nan = (b & 0x7F) == 0x7F
+    assert kb.max() <= 142 and not kb[nan].any()
+    got = _bf16((kb.astype(np.uint32) << 4) + (236 << 7))
+    want = np.abs(b.view(ml_dtypes.float8_e4m3fn).astype(np.float64)) * 2.0**118
+    zero = (b & 0x7F) == 0
+    assert np.array_equal(got[~nan & ~zero], want[~nan & ~zero])
+    mx = np.arange(9, 136, dtype=np.uint8)  # E8M0: the bytes themselves
+    assert np.array_equal(np.asarray(K.prepare_scales(jnp.asarray(mx[None])))[:, 0], mx)
+
+
+def test_scale_signs_zeros_and_nans_move_into_codes_and_row_multipliers():
+    """A zero scale's block gets zero codes, a negative scale's block sign-flipped codes (so the
+    kernel's unsigned scale bytes give the same products); a NaN scale makes its row's
+    multiplier NaN (every product of the row, so every output, is NaN in the reference); other
+    blocks and MXFP4 codes are untouched."""
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 256, (3, 32), dtype=np.uint8)  # 3 rows x 4 blocks of 16
+    sb = np.array([[0x38, 0x00, 0xB8, 0x80], [0x01, 0x81, 0x7F, 0x38], [0x38] * 4], np.uint8)
+    folded = np.asarray(K.fold_scale_signs(jnp.asarray(codes), jnp.asarray(sb).view(jnp.float8_e4m3fn)))
+    blocks, fb = codes.reshape(3, 4, 8), folded.reshape(3, 4, 8)
+    zero, neg = (sb & 0x7F) == 0, (sb >= 0x80) & ((sb & 0x7F) != 0)
+    assert not fb[zero].any() and np.array_equal(fb[neg], blocks[neg] ^ 0x88)
+    assert np.array_equal(fb[~zero & ~neg], blocks[~zero & ~neg])
+    q = QuantizedTensor(
+        jnp.asarray(codes), jnp.asarray(sb).view(jnp.float8_e4m3fn), jnp.ones((1,), jnp.float32),
+        FP4Format.NVFP4, (3, 64), (3,), GlobalScale.MULTIPLIER,
+    )  # fmt: skip
+    assert np.array_equal(np.asarray(K.nan_rows(q.scales)), [False, True, False])
+    rs = np.asarray(jaxfp4.prepare_weights(jaxfp4.make_params(q, NVFP4W4A16())).kernel_layout.row_scale)
+    assert np.isnan(rs[1]) and np.isfinite(np.delete(rs, 1)).all()
+    e8 = jnp.asarray(rng.integers(0, 255, (3, 2), dtype=np.uint8))
+    assert np.array_equal(np.asarray(K.fold_scale_signs(jnp.asarray(codes), e8)), codes)
+    assert np.array_equal(np.asarray(K.nan_rows(e8.at[2, 1].set(0xFF))), [False, False, True])
 
 
 def test_prepare_weights_is_pure_and_pads():
@@ -293,7 +339,7 @@ def test_mgpu_kernel_equals_exact_product_on_gpu(fmt, m, n, k, cfg):
     q = _weight(m, n, k, fmt)
     x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
     xp = jnp.pad(x, ((0, K.input_rows(m) - m), (0, 0)))  # the tile's rows past that: TMA zero fill
-    codes, scales = K.prepare_codes(q.codes), K.prepare_scales(q.scales)
+    codes, scales = K.kernel_operands(q.codes, q.scales)
     w = np.asarray(jaxfp4.dequantize(q, dtype=jnp.float32), np.float64)
     xf = np.asarray(x.astype(jnp.float32), np.float64)
     mag = np.abs(xf) @ np.abs(w).T
