@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfp4.formats.activations import fake_quantize_nvfp4_activations
-from jaxfp4.kernels.nvfp4_act_triton import fake_quantize_nvfp4_vllm
+from jaxfp4.kernels.act_triton import fake_quantize_nvfp4_vllm
 from kernels.bench_gemm import COPIES, gpu_us
 
 

@@ -47,19 +47,22 @@ def _check_act(x: jax.Array, block: int) -> None:
 
 
 class _Ops(NamedTuple):
-    """The two operations whose exactness depends on where the math runs: ``div`` (IEEE float32
-    division) and ``barrier`` (hides a value from XLA's algebraic simplifier). Under XLA:
-    :func:`codecs.div_exact` and ``lax.optimization_barrier``. Inside a Pallas kernel (no XLA
-    simplifier runs there): the backend's quotient corrected exactly, and no barrier."""
+    """The operations whose exactness depends on where the math runs: ``div`` (IEEE float32
+    division), ``barrier`` (hides a value from XLA's algebraic simplifier) and ``round`` (float32
+    rounded to an activation dtype, returned as float32). Under XLA: :func:`codecs.div_exact`,
+    ``lax.optimization_barrier`` and :func:`codecs.round_to`. Inside a Pallas kernel (no XLA
+    simplifier runs there): the backend's quotient corrected exactly, no barrier, and
+    :func:`codecs.round_to_in_kernel` (Pallas's Triton lowering has no ``reduce_precision``)."""
 
     div: Callable[[jax.Array, jax.Array], jax.Array]
     barrier: Callable[[jax.Array], jax.Array]
+    round: Callable[[jax.Array, jnp.dtype], jax.Array]
 
 
-XLA_OPS = _Ops(codecs.div_exact, jax.lax.optimization_barrier)
+XLA_OPS = _Ops(codecs.div_exact, jax.lax.optimization_barrier, codecs.round_to)
 
 
-KERNEL_OPS = _Ops(codecs.div_rn_in_kernel, lambda v: v)
+KERNEL_OPS = _Ops(codecs.div_rn_in_kernel, lambda v: v, codecs.round_to_in_kernel)
 
 
 def _vllm_rcp(v: jax.Array, ops: _Ops) -> jax.Array:
@@ -76,7 +79,7 @@ def _nvfp4_blocks(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Shared core: returns (E2M1 codes ``uint8 [..., K]``, scales ``e4m3 [..., K/16]``,
     float32 per-block dequant factor ``[..., K/16]``). ``ops``: see :class:`_Ops` (the
-    Pallas kernel of :mod:`jaxfp4.kernels.nvfp4_act_triton` runs this same function)."""
+    Pallas kernel of :mod:`jaxfp4.kernels.act_triton` runs this same function)."""
     _check_act(x, NVFP4_BLOCK)
     g = jnp.asarray(global_scale, jnp.float32).reshape(())
     k = x.shape[-1]
@@ -92,7 +95,7 @@ def _nvfp4_blocks(
         scaled = xf * _vllm_rcp(sf_f * _vllm_rcp(g, ops), ops)[..., None]
         dq = ops.div(sf_f, g)
     elif mode is ActivationQuant.COMPRESSED_TENSORS:
-        local = codecs.round_to(ops.div(amax, jnp.float32(6.0)), x.dtype)
+        local = ops.round(ops.div(amax, jnp.float32(6.0)), x.dtype)
         sf = codecs.encode_e4m3(g * local)
         sf = jnp.where(codecs.decode_e4m3(sf) == 0, jnp.float8_e4m3fn(0.125), sf)
         dq = ops.div(codecs.decode_e4m3(sf), g)
@@ -124,16 +127,17 @@ def fake_quantize_nvfp4_activations(
     return (q * dq[..., None]).reshape(x.shape).astype(x.dtype)
 
 
-def quantize_fp8_static(x: jax.Array, input_scale: jax.Array) -> jax.Array:
+def quantize_fp8_static(x: jax.Array, input_scale: jax.Array, *, ops: _Ops = XLA_OPS) -> jax.Array:
     """Static per-tensor FP8: ``e4m3(clamp(dtype(x / input_scale), +-448))``.
 
     ``input_scale`` is a multiplier (``x ~ fp8 * input_scale``). The quotient is rounded to the
     activation dtype before the FP8 cast, as torch does for a bf16 ``x`` and a 0-d scale (Quark,
     vLLM): a double rounding that changes ~2% of codes against a direct float32 cast.
+    (``ops``: :data:`KERNEL_OPS` inside a Pallas kernel, see :class:`_Ops`.)
     """
     _check_act(x, 1)
     s = jnp.asarray(input_scale).astype(jnp.float32).reshape(())
-    q = codecs.round_to(codecs.div_exact(x.astype(jnp.float32), s), x.dtype)
+    q = ops.round(ops.div(x.astype(jnp.float32), s), x.dtype)
     return codecs.encode_e4m3(q)
 
 

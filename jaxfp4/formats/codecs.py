@@ -196,6 +196,25 @@ def round_to(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
     raise TypeError(f"round_to: unsupported dtype {dt}")
 
 
+def round_to_in_kernel(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """:func:`round_to` for code inside a Pallas kernel, whose Triton lowering has no
+    ``reduce_precision``: bfloat16 by integer round-half-to-even on the float32 bits (add
+    ``0x7FFF`` plus the kept part's lowest bit, clear the low 16 bits; subnormals round on the same
+    grid, overflow goes to +-inf, NaN stays NaN), float16 by the cast pair (no XLA pass runs inside
+    a kernel to fold it)."""
+    x = jnp.asarray(x, jnp.float32)
+    dt = jnp.dtype(dtype)
+    if dt == jnp.float32:
+        return x
+    if dt == jnp.bfloat16:
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        r = (bits + jnp.uint32(0x7FFF) + ((bits >> 16) & 1)) & jnp.uint32(0xFFFF0000)
+        return jnp.where(jnp.isnan(x), x, jax.lax.bitcast_convert_type(r, jnp.float32))
+    if dt == jnp.float16:
+        return x.astype(jnp.float16).astype(jnp.float32)
+    raise TypeError(f"round_to_in_kernel: unsupported dtype {dt}")
+
+
 def decode_e2m1(codes: jax.Array, *, negative_zero: bool = True) -> jax.Array:
     """E2M1 codes (any unsigned int dtype, values 0..15) -> float32 values, exactly.
 

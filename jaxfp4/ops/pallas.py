@@ -5,8 +5,10 @@ What it computes, for all four recipes (``alpha_n`` = the weight row's global mu
 
 * activations prepared exactly as the "xla" backend does (W4A4: NVFP4 quantize-dequantize, the
   same function, so codes and scales are bit-identical; in vLLM mode it runs as one Pallas kernel,
-  :mod:`jaxfp4.kernels.nvfp4_act_triton`; W4A8: the same FP8 codes, with the static
-  activation scale applied in the epilogue instead of to each activation);
+  :mod:`jaxfp4.kernels.act_triton`; W4A8: the same FP8 codes, with the static
+  activation scale applied in the epilogue instead of to each activation; for the Mosaic GPU
+  kernel the codes' values come as bf16, from ``FP8_ACT_KERNEL_MIN_M`` rows on from one Pallas
+  kernel, ``fp8_static_values``);
 * ``y[m, n] = alpha_n * sum_k x[m, k] * (q[n, k] * s[n, k/B])`` with the E2M1 x scale product
   exact and float32 accumulation; bias added in float32; output in ``x.dtype``.
 
@@ -54,7 +56,7 @@ from jaxfp4.formats import (
     quantize_fp8_static,
 )
 from jaxfp4.formats.tensor import ActivationQuant
-from jaxfp4.kernels.nvfp4_act_triton import fake_quantize_nvfp4_vllm
+from jaxfp4.kernels.act_triton import fake_quantize_nvfp4_vllm, fp8_static_values
 from jaxfp4.ops.params import Fp4LinearParams, KernelLayout
 from jaxfp4.ops.xla import gemm_weight
 
@@ -457,26 +459,38 @@ def _triton_matmul(x2: jax.Array, w, acts: str) -> jax.Array:
     return parts.sum(0)[:m, : w.n] * jnp.float32(2.0 ** epilogue_exponent(cfg, mx))  # exact: a power of two
 
 
+# Rows from which W4A8's activations for the Mosaic GPU kernel come from one Pallas kernel
+# (:func:`~jaxfp4.kernels.act_triton.fp8_static_values`) rather than XLA's fusions of the same
+# arithmetic. Measured on the H100 by CUPTI (kernels/results/gemm-*.json runs K and L, layer time
+# of W4A8, XLA -> kernel): M = 128 44.9 -> 41.5 us (K = 14336), 44.3 -> 41.8 (8192), 33.0 -> 33.5
+# (4096); M = 1 and 16 1.0-1.6 us slower (e.g. 18.7 -> 19.7, 19.4 -> 20.3), where XLA's
+# quantize-and-decode is one small fusion and the kernel's launch costs more.
+FP8_ACT_KERNEL_MIN_M = 128
+
+
 def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None, out_dtype: jnp.dtype) -> jax.Array:
     w = params.weight
     r = params.recipe
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.k)
-    acts = "bf16"
+    acts = "fp8" if isinstance(r, MXFP4W4A8) else "bf16"
     if isinstance(r, NVFP4W4A4):
         if r.activation_mode is ActivationQuant.VLLM:  # one kernel, bit-identical to the reference's
             x2 = fake_quantize_nvfp4_vllm(x2, params.input_scale, interpret=_interpret)
         else:
             x2 = fake_quantize_nvfp4_activations(x2, params.input_scale, mode=r.activation_mode)
-    elif isinstance(r, MXFP4W4A8):
-        x2 = quantize_fp8_static(x2, params.input_scale)  # FP8 codes; the scale goes to the epilogue
-        acts = "fp8"
-    if uses_dense(x2.shape[0], acts, params):  # (this backend runs only on a GPU or in interpret mode)
+    m = x2.shape[0]
+    # W4A8: the FP8 codes of the activations; the static scale goes to the epilogue.
+    if uses_dense(m, acts, params):  # (this backend runs only on a GPU or in interpret mode)
+        x2 = quantize_fp8_static(x2, params.input_scale) if acts == "fp8" else x2
         y = dense_forward(x2, params, acts, bias, out_dtype)
-    elif uses_mgpu(params, x2.shape[0], acts):
-        if acts == "fp8":
-            x2 = codecs.decode_e4m3(x2).astype(jnp.bfloat16)  # exact
+    elif uses_mgpu(params, m, acts):
+        if acts == "fp8" and m >= FP8_ACT_KERNEL_MIN_M:  # the codes' values as bf16 (exact), one kernel
+            x2 = fp8_static_values(x2, params.input_scale, interpret=_interpret)
+        elif acts == "fp8":
+            x2 = codecs.decode_e4m3(quantize_fp8_static(x2, params.input_scale)).astype(jnp.bfloat16)  # exact
         y = mgpu_linear(x2, params.kernel_layout, w.format is FP4Format.MXFP4, bias, out_dtype)
     else:
+        x2 = quantize_fp8_static(x2, params.input_scale) if acts == "fp8" else x2
         y = _epilogue(_triton_matmul(x2, w, acts), _kernel_alpha(params), bias, out_dtype)
     return y.reshape(*lead, w.n)

@@ -1,8 +1,10 @@
-"""The one-kernel NVFP4 activation quantize-dequantize (jaxfp4/kernels/nvfp4_act_triton.py).
+"""The one-kernel activation quantizations (jaxfp4/kernels/act_triton.py).
 
-It must equal the "xla" path's ``fake_quantize_nvfp4_activations`` (vLLM mode) bit for bit:
-on CPU in Pallas interpret mode (CI) and on the GPU, over odd shapes, every activation dtype,
-global scales that push block scales into E4M3's subnormals and saturation, and special values.
+Each must equal the "xla" path bit for bit: NVFP4 quantize-dequantize against
+``fake_quantize_nvfp4_activations`` (vLLM mode), the static FP8 codes' values against
+``decode_e4m3(quantize_fp8_static(x, s))`` in bf16; on CPU in Pallas interpret mode (CI) and on
+the GPU, over odd shapes, every activation dtype, scales that push block scales or codes into
+E4M3's subnormals and saturation, and special values.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxfp4.formats.activations import fake_quantize_nvfp4_activations
-from jaxfp4.kernels import nvfp4_act_triton as A
+from jaxfp4.formats import codecs
+from jaxfp4.formats.activations import fake_quantize_nvfp4_activations, quantize_fp8_static
+from jaxfp4.kernels import act_triton as A
 from tests.conftest import requires_gpu
 
 CASES = [(1, 4096), (5, 160), (16, 1024), (37, 2048), (9, 14336 // 14)]
@@ -65,12 +68,42 @@ def test_blocking_covers_any_k_multiple_of_16():
     tuple(int(v) for v in jax.__version__.split(".")[:2]) >= (0, 11),
     reason="jax >= 0.11 refuses to lower for CUDA without a GPU; CI runs jax 0.10.x",
 )
-def test_kernel_lowers_for_cuda_on_cpu_install():
+@pytest.mark.parametrize("fn", [A.fake_quantize_nvfp4_vllm, A.fp8_static_values])
+def test_kernel_lowers_for_cuda_on_cpu_install(fn):
     """Every primitive of the shared arithmetic has a Pallas Triton lowering rule."""
     for m, k in [(1, 4096), (4096, 14336), (5, 160)]:
-        f = jax.jit(lambda x, g: A.fake_quantize_nvfp4_vllm(x, g))
+        f = jax.jit(lambda x, g: fn(x, g))
         args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((), jnp.float32))
         assert "triton" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _fp8_values_reference(x: jax.Array, s: float) -> jax.Array:
+    return jax.jit(lambda x, s: codecs.decode_e4m3(quantize_fp8_static(x, s)).astype(jnp.bfloat16))(x, jnp.float32(s))
+
+
+# FP8 static scales: 1 (most of _x's range saturates at 448 or flushes to zero), 0.01, a scale
+# whose quotients are inexact everywhere (1/3 has no short binary form), 2**-12 and 2**20 (codes
+# at both ends of E4M3: saturation and subnormals).
+FP8_SCALES = [1.0, 0.01, 1.0 / 3.0, 2.0**-12, 2.0**20]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize(("m", "k"), CASES)
+def test_fp8_values_equal_reference_in_interpret_mode(m, k, dtype):
+    x = _x(m * k + 1, m, k, dtype)
+    for s in FP8_SCALES:
+        got = A.fp8_static_values(x, jnp.float32(s), interpret=True)
+        assert got.dtype == jnp.bfloat16 and got.shape == x.shape
+        assert _same(got, _fp8_values_reference(x, s)), s
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize(("m", "k"), [*CASES, (4096, 14336)])
+def test_fp8_values_equal_reference_on_gpu(m, k, dtype):
+    x = _x(m + k + 1, m, k, dtype)
+    for s in FP8_SCALES:
+        assert _same(A.fp8_static_values(x, jnp.float32(s)), _fp8_values_reference(x, s)), (m, k, s)
 
 
 @requires_gpu
