@@ -200,7 +200,7 @@ def main() -> None:
                 fmt = ps[0].weight.format
                 acts = "fp8" if scheme == "mxfp4_w4a8" else "bf16"
                 pal = time_op(lambda x, p: jaxfp4.fp4_linear(x, p, backend="pallas"), x, ps)
-                if pallas_backend.uses_dense(m, acts):  # what actually ran
+                if pallas_backend.uses_dense(m, acts, ps[0]):  # what actually ran
                     used = {"kernel": "dense", "gemm": f"cublas {acts}"}
                 elif pallas_backend.uses_mgpu(ps[0], m, acts):
                     kl = ps[0].kernel_layout

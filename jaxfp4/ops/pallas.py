@@ -325,17 +325,18 @@ def _ws_config(m: int, np_: int, k: int, out_bytes: int, sms: int, fmt: FP4Forma
 DENSE_MIN_M = {"bf16": 768, "fp8": 1024}
 
 
-def uses_dense(m: int, acts: str = "bf16", params: Fp4LinearParams | None = None) -> bool:
+def uses_dense(m: int, acts: str = "bf16", params: Fp4LinearParams | None = None, out_bytes: int = 2) -> bool:
     """Whether ``forward`` runs the expand-then-GEMM path for ``m`` rows (``acts`` as
     :data:`DENSE_MIN_M`). With ``params``: not where bf16 activations go to the warp-specialized
-    Mosaic GPU kernel (a single-shard kernel layout and a config with ``wgs == 2`` for bf16
-    outputs), which is faster there."""
+    Mosaic GPU kernel (a single-shard kernel layout and a config with ``wgs == 2`` for outputs of
+    ``out_bytes`` per element: float32 output tiles may leave it no shared memory), which is
+    faster there."""
     if m < DENSE_MIN_M[acts]:
         return False
     if acts != "bf16" or params is None or not _mgpu_layout(params):
         return True
     kl = params.kernel_layout
-    return choose_mgpu_config(m, kl.codes.shape[0], kl.codes.shape[1] * 2, params.weight.format).wgs == 1
+    return choose_mgpu_config(m, kl.codes.shape[0], kl.codes.shape[1] * 2, params.weight.format, out_bytes).wgs == 1
 
 
 def _mgpu_layout(params: Fp4LinearParams) -> bool:
@@ -343,9 +344,10 @@ def _mgpu_layout(params: Fp4LinearParams) -> bool:
     return kl is not None and kl.shards == 1 and not _interpret
 
 
-def uses_mgpu(params: Fp4LinearParams, m: int, acts: str = "bf16") -> bool:
-    """Whether ``forward`` runs the Mosaic GPU kernel for ``m`` rows of activations."""
-    return _mgpu_layout(params) and m <= MGPU_MAX_M and not uses_dense(m, acts, params)
+def uses_mgpu(params: Fp4LinearParams, m: int, acts: str = "bf16", out_bytes: int = 2) -> bool:
+    """Whether ``forward`` runs the Mosaic GPU kernel for ``m`` rows of activations and outputs
+    of ``out_bytes`` per element."""
+    return _mgpu_layout(params) and m <= MGPU_MAX_M and not uses_dense(m, acts, params, out_bytes)
 
 
 def dense_forward(
@@ -479,12 +481,12 @@ def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None, out_d
             x2 = fake_quantize_nvfp4_vllm(x2, params.input_scale, interpret=_interpret)
         else:
             x2 = fake_quantize_nvfp4_activations(x2, params.input_scale, mode=r.activation_mode)
-    m = x2.shape[0]
+    m, ob = x2.shape[0], jnp.dtype(out_dtype).itemsize
     # W4A8: the FP8 codes of the activations; the static scale goes to the epilogue.
-    if uses_dense(m, acts, params):  # (this backend runs only on a GPU or in interpret mode)
+    if uses_dense(m, acts, params, ob):  # (this backend runs only on a GPU or in interpret mode)
         x2 = quantize_fp8_static(x2, params.input_scale) if acts == "fp8" else x2
         y = dense_forward(x2, params, acts, bias, out_dtype)
-    elif uses_mgpu(params, m, acts):
+    elif uses_mgpu(params, m, acts, ob):
         if acts == "fp8" and m >= FP8_ACT_KERNEL_MIN_M:  # the codes' values as bf16 (exact), one kernel
             x2 = fp8_static_values(x2, params.input_scale, interpret=_interpret)
         elif acts == "fp8":

@@ -97,6 +97,10 @@ def test_large_m_stays_on_the_warp_specialized_kernel(recipe):
             assert pallas.uses_mgpu(p, m, acts) != fp8 and pallas.uses_dense(m, acts, p) == fp8
         odd = jaxfp4.prepare_weights(_params(recipe, 4096 - 64, 1024))
         assert pallas.uses_dense(4096, acts, odd) and not pallas.uses_mgpu(odd, 4096, acts)
+        if not fp8:  # float32 outputs: where their tiles leave the warp-specialized form no room, dense
+            ws32 = pallas.choose_mgpu_config(4096, 4096, 1024, recipe.weight_format, 4).wgs == 2
+            assert pallas.uses_dense(4096, acts, p, 4) != ws32 and pallas.uses_mgpu(p, 4096, acts, 4) == ws32
+            assert not ws32  # 2 x 64 x 256 float32 output tiles: 128 KiB
 
 
 @requires_gpu
