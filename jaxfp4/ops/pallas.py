@@ -321,7 +321,9 @@ def _ws_config(m: int, np_: int, k: int, out_bytes: int, sms: int, fmt: FP4Forma
 # M = 768 0.97 / 0.79 / 0.80x vs 0.68 / 0.67 / 0.67x (4096 x 14336, 14336 x 4096, 8192 x 8192),
 # M = 2048 1.03 / 0.98 / 1.00x vs 0.85 / 0.84 / 0.84x, M = 4096 1.03 / 0.98 / 1.00x vs 0.91x each.
 # W4A8 keeps its FP8 GEMM from M = 1024 (M = 4096: 1.25 / 0.97 / 1.19x vs the kernel's 0.97 / 0.70
-# / 0.86x on FP8 values in bf16).
+# / 0.86x on FP8 values in bf16). Float32 outputs at large M leave the warp-specialized form no
+# shared memory, so they take the dense path (session 14, H100, GPU time, 4096 x 14336 at M = 2048:
+# 367 us, where the one-warpgroup kernel took 560 and bf16 outputs on the warp-specialized one 343).
 DENSE_MIN_M = {"bf16": 768, "fp8": 1024}
 
 
