@@ -203,8 +203,7 @@ def main() -> None:
                 if pallas_backend.uses_dense(m, acts, ps[0]):  # what actually ran
                     used = {"kernel": "dense", "gemm": f"cublas {acts}"}
                 elif pallas_backend.uses_mgpu(ps[0], m, acts):
-                    kl = ps[0].kernel_layout
-                    cfg = pallas_backend.choose_mgpu_config(m, kl.codes.shape[0], kl.codes.shape[1] * 2, fmt)
+                    cfg = pallas_backend.choose_mgpu_config(m, *ps[0].kernel_layout.padded_shape, fmt)
                     used = {"kernel": "mgpu", **dataclasses.asdict(cfg)}
                 else:
                     used = dataclasses.asdict(pallas_backend.choose_config(m, n, k, fmt, acts))

@@ -166,6 +166,11 @@ def prepare_codes(codes: jax.Array) -> jax.Array:
 _E4M3_LOW = np.array([0, 0, 8, 12, 16, 18, 20, 22], np.uint8)
 
 
+def _scale_bytes(scales: jax.Array) -> jax.Array:
+    """Block scales (E4M3 or E8M0) as their raw uint8 bytes."""
+    return lax.bitcast_convert_type(scales, jnp.uint8) if scales.dtype != jnp.uint8 else scales
+
+
 def prepare_scales(scales: jax.Array) -> jax.Array:
     """Block scales ``(N, K/B)`` -> the kernel's scale bytes, transposed: ``(K/B, N)`` uint8.
 
@@ -176,7 +181,7 @@ def prepare_scales(scales: jax.Array) -> jax.Array:
     top mantissa bits, ``E + 245 = (E + 9) + 236``) instead of float conversions. What this
     byte cannot say goes into the codes and row multipliers instead (:func:`fold_scale_signs`,
     :func:`nan_rows`): zero scales, negative scales, NaN."""
-    b = lax.bitcast_convert_type(scales, jnp.uint8) if scales.dtype != jnp.uint8 else scales
+    b = _scale_bytes(scales)
     if scales.dtype == jnp.float8_e4m3fn:
         mag = b & 0x7F
         b = jnp.where(mag >= 8, mag + 16, jnp.asarray(_E4M3_LOW)[mag & 7])
@@ -191,7 +196,7 @@ def fold_scale_signs(codes: jax.Array, scales: jax.Array) -> jax.Array:
     (``q * -s = -q * s``). Other formats: unchanged."""
     if scales.dtype != jnp.float8_e4m3fn:
         return codes
-    b = lax.bitcast_convert_type(scales, jnp.uint8)
+    b = _scale_bytes(scales)
     n, kb = codes.shape
     per = codes.reshape(n, b.shape[1], kb // b.shape[1])
     zero, neg = ((b & 0x7F) == 0)[..., None], (b >= 0x80)[..., None]
@@ -209,7 +214,7 @@ def kernel_operands(codes: jax.Array, scales: jax.Array) -> tuple[jax.Array, jax
 def nan_rows(scales: jax.Array) -> jax.Array:
     """bool ``(N,)``: rows with a NaN block scale (E4M3 ``0x7F``/``0xFF``, E8M0 ``0xFF``), whose
     every product, so every output, is NaN: the kernel gets a NaN row multiplier for them."""
-    b = lax.bitcast_convert_type(scales, jnp.uint8) if scales.dtype != jnp.uint8 else scales
+    b = _scale_bytes(scales)
     nan = (b & 0x7F) == 0x7F if scales.dtype == jnp.float8_e4m3fn else b == 0xFF
     return nan.any(axis=1)
 

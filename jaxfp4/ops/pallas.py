@@ -337,8 +337,7 @@ def uses_dense(m: int, acts: str = "bf16", params: Fp4LinearParams | None = None
         return False
     if acts != "bf16" or params is None or not _mgpu_layout(params):
         return True
-    kl = params.kernel_layout
-    return choose_mgpu_config(m, kl.codes.shape[0], kl.codes.shape[1] * 2, params.weight.format, out_bytes).wgs == 1
+    return choose_mgpu_config(m, *params.kernel_layout.padded_shape, params.weight.format, out_bytes).wgs == 1
 
 
 def _mgpu_layout(params: Fp4LinearParams) -> bool:
@@ -409,7 +408,7 @@ def mgpu_linear(
     from jaxfp4.kernels import w4a16_mgpu
 
     m = x2.shape[0]
-    np_, kp = layout.codes.shape[0], layout.codes.shape[1] * 2
+    np_, kp = layout.padded_shape
     fmt = FP4Format.MXFP4 if mx else FP4Format.NVFP4
     cfg = cfg or choose_mgpu_config(m, np_, kp, fmt, jnp.dtype(out_dtype).itemsize)
     # Token rows are not padded to the tile (the kernel's TMA copies fill rows past M with zeros),
@@ -484,17 +483,19 @@ def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None, out_d
         else:
             x2 = fake_quantize_nvfp4_activations(x2, params.input_scale, mode=r.activation_mode)
     m, ob = x2.shape[0], jnp.dtype(out_dtype).itemsize
-    # W4A8: the FP8 codes of the activations; the static scale goes to the epilogue.
-    if uses_dense(m, acts, params, ob):  # (this backend runs only on a GPU or in interpret mode)
-        x2 = quantize_fp8_static(x2, params.input_scale) if acts == "fp8" else x2
-        y = dense_forward(x2, params, acts, bias, out_dtype)
-    elif uses_mgpu(params, m, acts, ob):
-        if acts == "fp8" and m >= FP8_ACT_KERNEL_MIN_M:  # the codes' values as bf16 (exact), one kernel
+    # (This backend runs only on a GPU or in interpret mode.) W4A8: the static activation scale
+    # goes to the epilogue; the Mosaic GPU kernel takes the FP8 codes' values as bf16 (exact), the
+    # other paths the codes.
+    if uses_mgpu(params, m, acts, ob):
+        if acts == "fp8" and m >= FP8_ACT_KERNEL_MIN_M:  # one kernel
             x2 = fp8_static_values(x2, params.input_scale, interpret=_interpret)
         elif acts == "fp8":
-            x2 = codecs.decode_e4m3(quantize_fp8_static(x2, params.input_scale)).astype(jnp.bfloat16)  # exact
+            x2 = codecs.decode_e4m3(quantize_fp8_static(x2, params.input_scale)).astype(jnp.bfloat16)
         y = mgpu_linear(x2, params.kernel_layout, w.format is FP4Format.MXFP4, bias, out_dtype)
     else:
         x2 = quantize_fp8_static(x2, params.input_scale) if acts == "fp8" else x2
-        y = _epilogue(_triton_matmul(x2, w, acts), _kernel_alpha(params), bias, out_dtype)
+        if uses_dense(m, acts, params, ob):
+            y = dense_forward(x2, params, acts, bias, out_dtype)
+        else:
+            y = _epilogue(_triton_matmul(x2, w, acts), _kernel_alpha(params), bias, out_dtype)
     return y.reshape(*lead, w.n)

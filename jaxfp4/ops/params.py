@@ -69,6 +69,11 @@ class KernelLayout:
     k: int
     shards: int = 1
 
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        """``(Np, Kp)``: one shard's padded weight shape, as the kernel sees it."""
+        return self.codes.shape[-2], self.codes.shape[-1] * 2
+
     def shard(self, i: int = 0) -> KernelLayout:
         """Shard ``i``'s layout (``shards == 1``); under ``shard_map`` the local stack has one entry."""
         if self.shards == 1:
