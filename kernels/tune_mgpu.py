@@ -100,6 +100,18 @@ def candidates(
     return out
 
 
+def weight_sets(shapes: str, formats: str, key: jax.Array):
+    """For each ``KxN`` in ``shapes`` and format in ``formats``: ``(K, N, COPIES bf16 weights
+    (N, K), format name, COPIES random quantized weights)``, distinct weights so that a layer's
+    timing streams them from HBM; the bf16 ones are made once per shape."""
+    for shape in shapes.split(","):
+        k, n = map(int, shape.split("x"))
+        wb = [jax.random.normal(jax.random.fold_in(key, i), (n, k), jnp.bfloat16) for i in range(COPIES)]
+        for fname in formats.split(","):
+            fmt = FP4Format(fname)
+            yield k, n, wb, fname, [random_weight(jax.random.fold_in(key, 100 + i), n, k, fmt) for i in range(COPIES)]
+
+
 def layer_us(x: jax.Array, layouts, mx: bool, cfg: K.MgpuConfig) -> tuple[float, jax.Array]:
     """GPU time of one layer (us, all its kernels) and the first layer's output."""
     ys, us = gpu_us(lambda x, kl: pallas.mgpu_linear(x, kl, mx, None, jnp.bfloat16, cfg), x, layouts)
@@ -135,55 +147,51 @@ def main() -> None:
     result = {"device": dev, "jax": jax.__version__, "sms": sms, "copies": COPIES, "records": [], "tuned": []}
     t0 = time.time()
     key = jax.random.key(0)
-    for shape in args.shapes.split(","):
-        k, n = map(int, shape.split("x"))
-        wb = [jax.random.normal(jax.random.fold_in(key, i), (n, k), jnp.bfloat16) for i in range(COPIES)]
-        for fname in args.formats.split(","):
-            fmt = FP4Format(fname)
-            mx = fmt is FP4Format.MXFP4
-            layouts = [layout(random_weight(jax.random.fold_in(key, 100 + i), n, k, fmt)) for i in range(COPIES)]
-            for m in map(int, args.ms.split(",")):
-                if time.time() - t0 > args.budget_s:
-                    break
-                x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
-                _, bf16 = gpu_us(lambda x, w: jnp.dot(x, w.T), x, wb)
-                heur = pallas.choose_mgpu_config(m, n, k, fmt)
-                ref_us, ref = layer_us(x, layouts, mx, heur)
-                ref = np.asarray(ref.astype(jnp.float32))
-                tried = {str(heur): ref_us}
-                print(f"{fname} M={m} K={k} N={n}: bf16 {bf16:.1f} us; heuristic {heur} {ref_us:.1f} us", flush=True)
-                best = (ref_us, heur)
-                if args.compare_inflight:
-                    tries = [dataclasses.replace(heur, inflight=1 - heur.inflight)]
-                elif args.diagnose:
-                    tries = [dataclasses.replace(heur, dequant=d) for d in ("none", "noscale", "skip")]
-                else:
-                    wgs = tuple(int(g) for g in args.wgs.split(","))
-                    fl = tuple(int(v) for v in args.inflight.split(","))
-                    tries = [dataclasses.replace(heur, ctas=0), *candidates(m, n, k, sms, wgs, fl)]
-                    tries = [c for c in tries if c.split_k <= args.max_split]
-                for cfg in tries:
-                    if str(cfg) in tried or time.time() - t0 > args.budget_s:
-                        continue
-                    try:
-                        us, y = layer_us(x, layouts, mx, cfg)
-                    except Exception as e:  # a config that fails to compile is skipped, and said so
-                        print("  failed", cfg, type(e).__name__, str(e)[:300], flush=True)
-                        continue
-                    err = float(np.max(np.abs(np.asarray(y.astype(jnp.float32)) - ref)) / (np.max(np.abs(ref)) + 1e-30))
-                    ok = err < 2e-2  # bf16 outputs of two summation orders: ~1 bf16 ulp; a wrong tile is O(1)
-                    tried[str(cfg)] = us
-                    print(f"  {cfg}: {us:.1f} us ({bf16 / us:.2f}x bf16) err {err:.1e}{'' if ok else ' WRONG'}", flush=True)
-                    if ok and us < best[0] and cfg.dequant == "ptx":
-                        best = (us, cfg)
-                rec = dict(format=fname, M=m, K=k, N=n, bf16_us=bf16, heuristic=str(heur), us=tried, best=str(best[1]))
-                result["records"].append(rec)
-                result["tuned"].append({"kernel": "mgpu", **pallas.tuned_entry(m, n, k, fmt, best[1])})
-                print(f"  best {best[1]}: {best[0]:.1f} us ({bf16 / best[0]:.2f}x bf16)", flush=True)
-                with open(path, "w") as f:
-                    json.dump(result, f, indent=1)
-            del layouts
-        del wb
+    for k, n, wb, fname, qs in weight_sets(args.shapes, args.formats, key):
+        fmt = FP4Format(fname)
+        mx = fmt is FP4Format.MXFP4
+        layouts = [layout(q) for q in qs]
+        for m in map(int, args.ms.split(",")):
+            if time.time() - t0 > args.budget_s:
+                break
+            x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
+            _, bf16 = gpu_us(lambda x, w: jnp.dot(x, w.T), x, wb)
+            heur = pallas.choose_mgpu_config(m, n, k, fmt)
+            ref_us, ref = layer_us(x, layouts, mx, heur)
+            ref = np.asarray(ref.astype(jnp.float32))
+            tried = {str(heur): ref_us}
+            print(f"{fname} M={m} K={k} N={n}: bf16 {bf16:.1f} us; heuristic {heur} {ref_us:.1f} us", flush=True)
+            best = (ref_us, heur)
+            if args.compare_inflight:
+                tries = [dataclasses.replace(heur, inflight=1 - heur.inflight)]
+            elif args.diagnose:
+                tries = [dataclasses.replace(heur, dequant=d) for d in ("none", "noscale", "skip")]
+            else:
+                wgs = tuple(int(g) for g in args.wgs.split(","))
+                fl = tuple(int(v) for v in args.inflight.split(","))
+                tries = [dataclasses.replace(heur, ctas=0), *candidates(m, n, k, sms, wgs, fl)]
+                tries = [c for c in tries if c.split_k <= args.max_split]
+            for cfg in tries:
+                if str(cfg) in tried or time.time() - t0 > args.budget_s:
+                    continue
+                try:
+                    us, y = layer_us(x, layouts, mx, cfg)
+                except Exception as e:  # a config that fails to compile is skipped, and said so
+                    print("  failed", cfg, type(e).__name__, str(e)[:300], flush=True)
+                    continue
+                err = float(np.max(np.abs(np.asarray(y.astype(jnp.float32)) - ref)) / (np.max(np.abs(ref)) + 1e-30))
+                ok = err < 2e-2  # bf16 outputs of two summation orders: ~1 bf16 ulp; a wrong tile is O(1)
+                tried[str(cfg)] = us
+                print(f"  {cfg}: {us:.1f} us ({bf16 / us:.2f}x bf16) err {err:.1e}{'' if ok else ' WRONG'}", flush=True)
+                if ok and us < best[0] and cfg.dequant == "ptx":
+                    best = (us, cfg)
+            rec = dict(format=fname, M=m, K=k, N=n, bf16_us=bf16, heuristic=str(heur), us=tried, best=str(best[1]))
+            result["records"].append(rec)
+            result["tuned"].append({"kernel": "mgpu", **pallas.tuned_entry(m, n, k, fmt, best[1])})
+            print(f"  best {best[1]}: {best[0]:.1f} us ({bf16 / best[0]:.2f}x bf16)", flush=True)
+            with open(path, "w") as f:
+                json.dump(result, f, indent=1)
+        del layouts
     if args.write_configs:
         merge_configs(args.write_configs, result["tuned"])
 

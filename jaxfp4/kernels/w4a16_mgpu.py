@@ -27,19 +27,20 @@ How it streams weights at HBM speed on a GPU without FP4 tensor cores:
   layout (4 consecutive bytes = 8 consecutive K elements), expands them in registers to bf16 in
   wgmma's 16-bit A-operand layout and feeds ``wgmma`` with the weights as the register operand
   (the "RS" form): the expanded weights never touch shared memory.
-* Expansion (inline PTX, per 32-bit word of 8 nibbles): ``(q & 0x80008000) | ((q & 0x70007000)
-  >> 6)`` puts the top nibble of each 16-bit lane into a bf16 as ``e2m1 * 2**-126`` (sign to
-  bit 15, the 3 magnitude bits to bits 6-8; E2M1's subnormal 0.5 lands on bf16's subnormal
-  ``2**-127``); ``q << 4`` brings the next nibble pair up. One ``mul.rn.bf16x2`` by the block
-  scale times ``2**(126 - c)`` gives ``e2m1 * scale * 2**-c`` exactly (at most 6 significant bits,
-  in bf16's normal range for E4M3 scales and E8M0 exponents in ``[9, 135]``).
-* So that this works with activations in their natural K order, :func:`prepare_codes` lays each
-  16-byte row chunk (32 elements) out so that quad lane ``p`` loads exactly the elements wgmma
-  wants from it, ``8j + 2p + e`` (``j = 0..3``, ``e = 0, 1``): stored byte ``4p + j`` is natural
-  byte ``4j + p``; then, inside each 4-byte word, nibble ``3 - j`` holds element ``8j + 2p`` and
-  nibble ``7 - j`` element ``8j + 2p + 1``. NVFP4 words span two scale blocks (outputs ``j = 0,
-  1`` in the chunk's first 16 elements, ``j = 2, 3`` in the second), so a thread applies two
-  multipliers per word; MXFP4 words lie in one block.
+* Expansion (inline PTX, per 32-bit word of 8 E2M1 codes): a bf16 whose sign is the code's sign
+  (bit 15 of a 16-bit lane) and whose bits 8, 7, 6 are the code's magnitude bits ``e1 e0 m`` is
+  ``e2m1 * 2**-126`` (E2M1's subnormal 0.5 lands on bf16's subnormal ``2**-127``). One
+  ``mul.rn.bf16x2`` by the block scale times ``2**(126 - c)`` gives ``e2m1 * scale * 2**-c``
+  exactly (at most 6 significant bits, in bf16's normal range for E4M3 scales and E8M0 exponents
+  in ``[9, 135]``). :func:`prepare_codes` scatters each code's 4 bits inside its word (not as a
+  nibble) so that the four bf16x2 outputs of a word take 10 integer instructions in all, not 15:
+  output 0 is ``q & 0x81C081C0``, outputs 1 and 2 are ``(q << 6)`` and ``(q << 3)`` masked the
+  same way, output 3 gathers two right shifts in one ``mul.hi`` (:data:`BIT_PLACES`).
+* So that this works with activations in their natural K order, quad lane ``p`` loads the 4
+  bytes of each 16-byte row chunk (32 elements) that hold exactly the elements wgmma wants from
+  it, ``8j + 2p + e`` (output ``j = 0..3``, 16-bit lane ``e = 0, 1``). NVFP4 words span two scale
+  blocks (outputs ``j = 0, 1`` in the chunk's first 16 elements, ``j = 2, 3`` in the second), so a
+  thread applies two multipliers per word; MXFP4 words lie in one block.
 * Scales are stored transposed, ``(K / B, N)`` bytes, so that one block column of a tile is a
   contiguous row that loads straight into wgmma's row layout; NVFP4's E4M3 scales re-encoded so
   that one integer multiply-add makes each bf16 multiplier (:func:`prepare_scales`; zero,
@@ -143,22 +144,35 @@ def epilogue_exponent(mx: bool) -> int:
 # Layout transforms (pure; run once at load time)
 
 
+# Where :func:`prepare_codes` puts the bits of output ``j``'s code in each 16-bit lane of a word
+# (the lane's element ``8j + 2p + e`` at bit offset ``16 e``): positions of (sign, e1, e0, m).
+# Output 0 has them where the bf16 wants them (15, 8, 7, 6); outputs 1 and 2 shifted down by 6
+# and 3 as a whole; output 3 uses the four bits left: e1 e0 six above their place, m four above,
+# the sign four below.
+BIT_PLACES = ((15, 8, 7, 6), (9, 2, 1, 0), (12, 5, 4, 3), (11, 14, 13, 10))
+
+
 def prepare_codes(codes: jax.Array) -> jax.Array:
     """PyTorch-order packed E2M1 bytes ``(N, K/2)`` (low nibble = even element) -> the kernel's
-    order (same shape and dtype; ``K % 32 == 0``).
+    words (same shape and dtype; ``K % 32 == 0``).
 
-    Inside each 16-byte chunk, stored byte ``4p + j`` is natural byte ``4j + p``; then inside each
-    4-byte word (8 elements ``w0..w7`` in that order, ``w_{2j+e}`` = chunk element ``8j + 2p +
-    e``), nibble ``3 - j`` gets ``w_{2j}`` and nibble ``7 - j`` gets ``w_{2j+1}``."""
+    Each 16-byte row chunk (32 elements) becomes four little-endian 32-bit words, word ``p`` (the
+    one quad lane ``p`` loads) holding elements ``8j + 2p + e`` for ``j = 0..3``, ``e = 0, 1``:
+    bit 3 (sign), 2, 1, 0 of element ``8j + 2p + e``'s code go to bits ``16 e + BIT_PLACES[j]``
+    (:data:`BIT_PLACES`)."""
     n, kb = codes.shape
     if kb % 16:
         raise ValueError(f"packed codes need K/2 % 16 == 0 (K % 32 == 0), got {codes.shape}")
-    c = codes.reshape(n, kb // 16, 4, 4).swapaxes(2, 3).reshape(n, kb // 4, 4)  # byte 4p + j <- 4j + p
-    e = jnp.stack([c & 0xF, c >> 4], axis=-1).reshape(n, kb // 4, 8)  # e[..., i] = word element i
-    order = np.array([6, 4, 2, 0, 7, 5, 3, 1])  # nibble position i holds word element order[i]
-    nib = e[..., order]
-    packed = nib[..., 0::2] | (nib[..., 1::2] << 4)
-    return packed.astype(jnp.uint8).reshape(n, kb)
+    c = codes.reshape(n, kb // 16, 16).astype(jnp.uint32)
+    el = jnp.stack([c & 0xF, c >> 4], axis=-1).reshape(n, kb // 16, 4, 4, 2)  # [n, chunk, j, p, e]
+    word = jnp.zeros((n, kb // 16, 4), jnp.uint32)  # [n, chunk, p]
+    for j, places in enumerate(BIT_PLACES):
+        for e in range(2):
+            v = el[:, :, j, :, e]
+            for bit, place in zip((3, 2, 1, 0), places, strict=True):
+                word = word | (((v >> bit) & 1) << (16 * e + place))
+    out = jnp.stack([(word >> (8 * b)) & 0xFF for b in range(4)], axis=-1)  # little-endian bytes
+    return out.astype(jnp.uint8).reshape(n, kb)
 
 
 # NVFP4 kernel scale byte of each E4M3 magnitude byte 0..7 (zero and the subnormals m * 2**-9);
@@ -222,20 +236,32 @@ def nan_rows(scales: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 # In-register expansion (Mosaic GPU inline)
 
-# One nibble pair per output: top nibble of each 16-bit lane -> bf16 bits, times the multiplier;
-# then ``q <<= 4`` brings up the next pair. ``$4`` = the word, ``$5`` / ``$6`` = the bf16x2
-# multipliers of outputs 0, 1 / 2, 3 (the two NVFP4 blocks of a word; the same one for MXFP4).
-_EXPAND_STEP = """and.b32 t, q, 0x70007000;
-shr.b32 t, t, 6;
-and.b32 u, q, 0x80008000;
-or.b32 u, u, t;
-mul.rn.bf16x2 ${j}, u, ${m};
+# The four bf16x2 outputs of a word (:data:`BIT_PLACES`), each times its multiplier. ``$4`` = the
+# word, ``$5`` / ``$6`` = the bf16x2 multipliers of outputs 0, 1 / 2, 3 (the two NVFP4 blocks of a
+# word; the same one for MXFP4). Output 3: ``x = q & 0x64006400`` keeps e1 e0 (6 above their
+# place) and m (4 above); ``mul.hi`` by ``2**28 + 2**26`` is ``(x >> 4) + (x >> 6)`` (plus at most
+# a carry into bit 0: the two shifted copies share no bit), which puts e1 e0 and m in place with
+# copies elsewhere that the mask drops; the sign comes from ``q << 4``.
+_EXPAND_ASM = """{
+.reg .b32 q, x, h, s, u;
+mov.b32 q, $4;
+and.b32 u, q, 0x81C081C0;
+mul.rn.bf16x2 $0, u, $5;
+shl.b32 u, q, 6;
+and.b32 u, u, 0x81C081C0;
+mul.rn.bf16x2 $1, u, $5;
+shl.b32 u, q, 3;
+and.b32 u, u, 0x81C081C0;
+mul.rn.bf16x2 $2, u, $6;
+and.b32 x, q, 0x64006400;
+mul.hi.u32 h, x, 0x14000000;
+shl.b32 s, q, 4;
+and.b32 s, s, 0x80008000;
+and.b32 h, h, 0x01C001C0;
+or.b32 u, h, s;
+mul.rn.bf16x2 $3, u, $6;
+}
 """
-_EXPAND_ASM = (
-    "{\n.reg .b32 q, t, u;\nmov.b32 q, $4;\n"
-    + "shl.b32 q, q, 4;\n".join(_EXPAND_STEP.format(j=j, m=5 + j // 2) for j in range(4))
-    + "}\n"
-)
 
 
 def _i32(v: int) -> ir.Value:
@@ -260,7 +286,7 @@ def _scale_pairs(s_lo: ir.Value, s_hi: ir.Value, mx: bool) -> tuple[ir.Value, ir
 
 
 def _expand_word(word: ir.Value, m01: ir.Value, m23: ir.Value, math: bool = True) -> list[ir.Value]:
-    """One 32-bit word of 8 permuted nibbles and the bf16x2 multipliers of its outputs 0, 1 and
+    """One 32-bit word of 8 codes (:func:`prepare_codes`) and the bf16x2 multipliers of its outputs 0, 1 and
     2, 3 -> 4 bf16x2 registers (wgmma column tiles ``j = 0..3`` of this thread's quad lane)."""
     i32 = ir.IntegerType.get_signless(32)
     if not math:

@@ -42,9 +42,9 @@ _RECIPES = (NVFP4W4A4, NVFP4W4A16, MXFP4W4A8, MXFP4W4A16)
 class KernelLayout:
     """A weight re-laid out for the Mosaic GPU kernel (:mod:`jaxfp4.kernels.w4a16_mgpu`).
 
-    ``codes``: uint8 ``(Np, Kp/2)``, bytes and nibbles reordered inside each 16-byte chunk
+    ``codes``: uint8 ``(Np, Kp/2)``, each code's 4 bits placed inside its 16-byte chunk
     (:func:`~jaxfp4.kernels.w4a16_mgpu.kernel_operands`: zero and negative NVFP4 scales folded
-    into them); ``scales``: uint8 ``(Kp/B, Np)``, the kernel's block-scale bytes, transposed
+    into them first); ``scales``: uint8 ``(Kp/B, Np)``, the kernel's block-scale bytes, transposed
     (E8M0 as is, E4M3 re-encoded: :func:`~jaxfp4.kernels.w4a16_mgpu.prepare_scales`). ``N`` is
     padded to a multiple of 64 and ``K`` to a multiple of 128 with zero codes (which contribute
     nothing); ``n``, ``k`` are the unpadded sizes. ``row_scale``: float32 ``(Np,)``, what the

@@ -49,11 +49,22 @@ def _bf16(bits: np.ndarray) -> np.ndarray:
     return bits.astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float64)
 
 
+def _expand_bits(q: np.ndarray) -> list[np.ndarray]:
+    """The integer part of the kernel's PTX (``_EXPAND_ASM``), step by step on uint32 words:
+    the bf16x2 bits of outputs 0..3 before their multiply."""
+    u32 = np.uint32
+    mask = u32(0x81C081C0)
+    x = q & u32(0x64006400)
+    h = ((x.astype(np.uint64) * np.uint64(0x14000000)) >> np.uint64(32)).astype(np.uint32)  # mul.hi.u32
+    s = (q << u32(4)) & u32(0x80008000)
+    return [q & mask, (q << u32(6)) & mask, (q << u32(3)) & mask, (h & u32(0x01C001C0)) | s]
+
+
 def _emulate_expansion(codes_p: np.ndarray, scales_t: np.ndarray, mx: bool) -> np.ndarray:
     """The expanded bf16 tile ``A`` (float64, ``(N, K)``) that the kernel feeds wgmma, times
     ``2**c``: thread lane ``p`` of a quad loads bytes ``4p..4p+3`` of each 16-byte row chunk as one
-    little-endian word; output ``j`` (``q << 4j``, then ``(q & 0x80008000) | ((q & 0x70007000) >>
-    6)``) times the bf16 multiplier of its column's block goes to columns ``8j + 2p + {0, 1}``."""
+    little-endian word; output ``j`` of the PTX (:func:`_expand_bits`) times the bf16 multiplier of
+    its column's block goes to columns ``8j + 2p + {0, 1}``."""
     n, kb = codes_p.shape
     words = codes_p.reshape(n, kb // 16, 4, 4).astype(np.uint32)
     words = words[..., 0] | (words[..., 1] << 8) | (words[..., 2] << 16) | (words[..., 3] << 24)  # [n, chunk, p]
@@ -67,9 +78,7 @@ def _emulate_expansion(codes_p: np.ndarray, scales_t: np.ndarray, mx: bool) -> n
     else:
         mult = mult[:, 2 * chunks[:, None] + (np.arange(4)[None, :] >= 2)]  # outputs 2, 3: the second block
     a = np.zeros((n, kb // 16, 4, 4, 2))  # [n, chunk, j, p, e]
-    for j in range(4):
-        q = (words << np.uint32(4 * j)) & np.uint32(0xFFFFFFFF)
-        bits = (q & np.uint32(0x80008000)) | ((q & np.uint32(0x70007000)) >> np.uint32(6))
+    for j, bits in enumerate(_expand_bits(words)):
         a[:, :, j, :, 0] = _bf16(bits & 0xFFFF) * mult[:, :, j, None]
         a[:, :, j, :, 1] = _bf16(bits >> 16) * mult[:, :, j, None]
     c = K.epilogue_exponent(mx)
@@ -86,17 +95,39 @@ def test_register_expansion_reproduces_the_weight_in_natural_order(fmt):
     assert np.array_equal(a, w)  # every product exact, every element in its place
 
 
-def test_prepare_codes_is_a_nibble_permutation_inside_each_chunk():
+def test_prepare_codes_places_each_codes_bits_where_the_module_says():
     c = np.random.default_rng(2).integers(0, 256, (5, 64), dtype=np.uint8)
-    p = np.asarray(K.prepare_codes(jnp.asarray(c)))
-    nib = lambda a: np.stack([a & 0xF, a >> 4], -1).reshape(a.shape[0], -1, 4, 8)  # [n, chunk, p, nibble]
-    natural = nib(c).reshape(5, -1, 32)  # [n, chunk, element]
-    assert np.array_equal(np.sort(natural, -1), np.sort(nib(p).reshape(5, -1, 32), -1))
-    # lane p's word: nibble 3 - j holds element 8j + 2p, nibble 7 - j element 8j + 2p + 1 (module docstring)
+    p = np.asarray(K.prepare_codes(jnp.asarray(c))).reshape(5, -1, 4, 4).astype(np.uint32)
+    words = p[..., 0] | (p[..., 1] << 8) | (p[..., 2] << 16) | (p[..., 3] << 24)  # [n, chunk, lane p]
+    natural = np.stack([c & 0xF, c >> 4], -1).reshape(5, -1, 32)  # [n, chunk, element]
+    # every bit of every word is one bit of one code (a bit permutation inside each chunk)
+    assert np.array_equal(np.unpackbits(natural.astype(np.uint8)).sum(), np.unpackbits(p.view(np.uint8)).sum())
     for p_ in range(4):
-        for j in range(4):
-            assert np.array_equal(nib(p)[:, :, p_, 3 - j], natural[:, :, 8 * j + 2 * p_])
-            assert np.array_equal(nib(p)[:, :, p_, 7 - j], natural[:, :, 8 * j + 2 * p_ + 1])
+        for j, places in enumerate(K.BIT_PLACES):
+            for e in range(2):
+                code = np.zeros_like(words[:, :, p_])
+                for bit, place in zip((3, 2, 1, 0), places, strict=True):
+                    code |= ((words[:, :, p_] >> (16 * e + place)) & 1) << bit
+                assert np.array_equal(code, natural[:, :, 8 * j + 2 * p_ + e])
+    assert sorted(b for places in K.BIT_PLACES for b in places) == list(range(16))
+
+
+def test_expansion_bits_are_the_bf16_of_every_code_pair():
+    # every pair of codes (lane 0, lane 1) in every output position, through the PTX's integer steps
+    e2m1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
+    lo, hi = np.meshgrid(np.arange(16), np.arange(16), indexing="ij")
+    lo, hi = lo.ravel().astype(np.uint32), hi.ravel().astype(np.uint32)
+    for j, places in enumerate(K.BIT_PLACES):
+        rest = np.random.default_rng(j).integers(0, 2**32, lo.shape, dtype=np.uint32)  # the other outputs' bits
+        q = rest
+        for e, v in enumerate((lo, hi)):
+            for bit, place in zip((3, 2, 1, 0), places, strict=True):
+                pos = np.uint32(16 * e + place)
+                q = (q & ~(np.uint32(1) << pos)) | (((v >> np.uint32(bit)) & np.uint32(1)) << pos)
+        bits = _expand_bits(q)[j]
+        for e, v in enumerate((lo, hi)):
+            got = _bf16((bits >> np.uint32(16 * e)) & np.uint32(0xFFFF)) * 2.0**126
+            assert np.array_equal(got, e2m1[v]) and np.array_equal(np.signbit(got), np.signbit(e2m1[v]))
 
 
 def test_nvfp4_kernel_scale_bytes_decode_to_every_e4m3_magnitude():
