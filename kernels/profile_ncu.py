@@ -1,20 +1,22 @@
 """Nsight Compute view of single FP4 layers (run on the GPU machine under ``ncu``; the kernel lab).
 
-Each variant is one jitted ``mgpu_linear`` call on one weight (and the bf16 dot of the same shape),
-compiled and run once before profiling starts, then run once between ``cudaProfilerStart`` and
-``cudaProfilerStop`` so that ncu (``--profile-from-start off``) sees exactly those launches and
-not XLA's compile-time autotuning. ncu's default cache control flushes the caches before each
-replay pass, so the weights come from HBM as in a real decode step. What it answers that the
-CUPTI timings cannot: DRAM throughput against peak, issue-slot use, and why warps stall.
+Each variant is one jitted ``mgpu_linear`` call on one weight (and, with ``--bf16``, the bf16 dot
+of the same shape), compiled and run once, then run once more: ncu selects the second round's
+Mosaic GPU launches with ``-k regex:mosaic --launch-skip N --launch-count N`` (N variants; the
+bf16 dots need a ``-k`` that matches their kernels too). ncu's
+default cache control flushes the caches before each replay pass, so the weights come from HBM
+as in a real decode step. What it answers that the CUPTI timings cannot: DRAM throughput against
+peak, issue-slot use, and why warps stall. (Bracketing the second round with
+``cudaProfilerStart``/``Stop`` through PyTorch's runtime ended in a segmentation fault under ncu
+on the H100, 2026-11-24; this selection by name and count worked.)
 
-    ncu --profile-from-start off --clock-control none --set full -o $OUT/prof \\
-        python kernels/profile_ncu.py --variants nvfp4:1:4096x14336,nvfp4:1:4096x14336:skip
+    ncu --clock-control none --set full -k regex:mosaic --launch-skip 2 --launch-count 2 \\
+        -o $OUT/prof python kernels/profile_ncu.py --variants nvfp4:1:4096x14336,nvfp4:1:4096x14336:skip
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 
 import jax
@@ -26,17 +28,6 @@ from kernels.bench_gemm import random_weight
 from kernels.probe_mgpu import layout
 
 
-def _cudart() -> ctypes.CDLL:
-    """The CUDA runtime that PyTorch loads (the device machine's image has it) or any on the path."""
-    try:
-        import torch
-
-        torch.cuda.init()
-        return torch.cuda.cudart()
-    except Exception:  # fall back to the system runtime library
-        return ctypes.CDLL("libcudart.so")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument(
@@ -45,11 +36,6 @@ def main() -> None:
         help="comma-separated format:M:KxN[:dequant][:wgs=G] (dequant: a MgpuConfig lab diagnostic)",
     )
     ap.add_argument("--bf16", action="store_true", help="also profile the bf16 dot of each shape")
-    ap.add_argument(
-        "--no-range",
-        action="store_true",
-        help="no cudaProfilerStart/Stop (select the launches with ncu's -k / --launch-skip instead)",
-    )
     args = ap.parse_args()
     key = jax.random.key(0)
     calls = []
@@ -72,15 +58,9 @@ def main() -> None:
             g = jax.jit(lambda x, w: jnp.dot(x, w.T))
             print(f"variant {i}b: bf16 dot M={m} K={k} N={n}", flush=True)
             calls.append((g, x, w))
-    for f, *a in calls:  # compile (and autotune) outside the profiled range
-        jax.block_until_ready(f(*a))
-    rt = None if args.no_range else _cudart()
-    if rt is not None:
-        rt.cudaProfilerStart()
-    for f, *a in calls:
-        jax.block_until_ready(f(*a))
-    if rt is not None:
-        rt.cudaProfilerStop()
+    for _ in range(2):  # the first round compiles (and autotunes); ncu skips its launches
+        for f, *a in calls:
+            jax.block_until_ready(f(*a))
 
 
 if __name__ == "__main__":

@@ -60,14 +60,20 @@ def _expand_bits(q: np.ndarray) -> list[np.ndarray]:
     return [q & mask, (q << u32(6)) & mask, (q << u32(3)) & mask, (h & u32(0x01C001C0)) | s]
 
 
+def _lane_words(codes_p: np.ndarray) -> np.ndarray:
+    """Kernel-layout code bytes ``(N, K/2)`` -> uint32 ``[N, chunk, p]``: the little-endian word
+    that quad lane ``p`` loads from bytes ``4p..4p+3`` of each 16-byte row chunk."""
+    b = codes_p.reshape(codes_p.shape[0], -1, 4, 4).astype(np.uint32)
+    return b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+
+
 def _emulate_expansion(codes_p: np.ndarray, scales_t: np.ndarray, mx: bool) -> np.ndarray:
     """The expanded bf16 tile ``A`` (float64, ``(N, K)``) that the kernel feeds wgmma, times
     ``2**c``: thread lane ``p`` of a quad loads bytes ``4p..4p+3`` of each 16-byte row chunk as one
     little-endian word; output ``j`` of the PTX (:func:`_expand_bits`) times the bf16 multiplier of
     its column's block goes to columns ``8j + 2p + {0, 1}``."""
     n, kb = codes_p.shape
-    words = codes_p.reshape(n, kb // 16, 4, 4).astype(np.uint32)
-    words = words[..., 0] | (words[..., 1] << 8) | (words[..., 2] << 16) | (words[..., 3] << 24)  # [n, chunk, p]
+    words = _lane_words(codes_p)  # [n, chunk, p]
     s = scales_t.T  # [n, K/B]
     chunks = np.arange(kb // 16)
     # The multiplier: one bf16 {s, s} per byte, the integer multiply-add of _scale_pairs (low half).
@@ -97,11 +103,11 @@ def test_register_expansion_reproduces_the_weight_in_natural_order(fmt):
 
 def test_prepare_codes_places_each_codes_bits_where_the_module_says():
     c = np.random.default_rng(2).integers(0, 256, (5, 64), dtype=np.uint8)
-    p = np.asarray(K.prepare_codes(jnp.asarray(c))).reshape(5, -1, 4, 4).astype(np.uint32)
-    words = p[..., 0] | (p[..., 1] << 8) | (p[..., 2] << 16) | (p[..., 3] << 24)  # [n, chunk, lane p]
+    p = np.asarray(K.prepare_codes(jnp.asarray(c)))
+    words = _lane_words(p)  # [n, chunk, lane p]
     natural = np.stack([c & 0xF, c >> 4], -1).reshape(5, -1, 32)  # [n, chunk, element]
     # every bit of every word is one bit of one code (a bit permutation inside each chunk)
-    assert np.array_equal(np.unpackbits(natural.astype(np.uint8)).sum(), np.unpackbits(p.view(np.uint8)).sum())
+    assert np.array_equal(np.unpackbits(natural.astype(np.uint8)).sum(), np.unpackbits(p).sum())
     for p_ in range(4):
         for j, places in enumerate(K.BIT_PLACES):
             for e in range(2):
