@@ -132,10 +132,10 @@ class Fp4LinearParams:
         if kl is not None and self.weight.shape not in ((kl.n * kl.shards, kl.k), (kl.n, kl.k * kl.shards)):
             of = f"{kl.shards} shards of " if kl.shards > 1 else ""
             raise ValueError(f"{name}: kernel_layout is of {of}a ({kl.n}, {kl.k}) weight, not {self.weight.shape}")
-        if kl is not None and (kl.row_scale.dtype != jnp.float32 or kl.row_scale.shape[-1] != kl.codes.shape[-2]):
+        if kl is not None and (kl.row_scale.dtype != jnp.float32 or kl.row_scale.shape[-1] != kl.padded_shape[0]):
             raise ValueError(
                 f"{name}: kernel_layout.row_scale must be float32 with one entry per laid-out row "
-                f"({kl.codes.shape[-2]}), got {kl.row_scale.dtype}{tuple(kl.row_scale.shape)}"
+                f"({kl.padded_shape[0]}), got {kl.row_scale.dtype}{tuple(kl.row_scale.shape)}"
             )
         return self
 
