@@ -194,7 +194,7 @@ def test_llama_tensor_parallel_matches_single_device(name, fuse):
     assert qkv.layers[0].weight.get_value().codes.sharding.spec == P("model", None)
     assert tp.layers[0].mlp.down_proj.weight.get_value().codes.sharding.spec == P(None, "model")
     assert tp.lm_head.weight.get_value().sharding.spec == P("model", None)
-    assert tp.init_cache(2, 16).k.sharding.spec == P(None, None, None, "model", None)  # split by KV heads
+    assert tp.init_cache(2, 16).k[0].sharding.spec == P(None, None, "model", None)  # split by KV heads
     assert_same_generation(single, tp)
 
 

@@ -19,8 +19,9 @@ projections keep their rows shard-major so that each device computes its own sli
 shard under ``shard_map`` (each shard with its own kernel layout on a GPU), dense ones through
 XLA's partitioner.
 
-Decoding runs with a static-shape KV cache (``[layers, batch, max_len, kv_heads, head_dim]``), one
-jit-compiled prefill + ``lax.scan`` decode loop: no recompilation per token.
+Decoding runs with a static-shape KV cache (one ``[batch, max_len, kv_heads, head_dim]`` array of
+keys and one of values per layer), one jit-compiled prefill + ``lax.scan`` decode loop: no
+recompilation per token.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxfp4.checkpoint import Checkpoint
+from jaxfp4.kernels import attn_triton
 from jaxfp4.nn import Fp4Linear
 from jaxfp4.ops import concat_biases, concat_params, fusion_blocker, prepare_weights
+from jaxfp4.ops.pallas import interpreting
 from jaxfp4.sharding import (
     LLAMA_PLAN,
     Parallel,
@@ -229,10 +232,11 @@ class TPConfig:
         return None if mode is None else TensorParallel(self.mesh, self.axis, mode)
 
     def cache_sharding(self, kv_heads: int) -> NamedSharding:
-        """The KV cache ``[layers, batch, max_len, kv_heads, head_dim]`` split by KV heads (what
-        column-parallel k/v projections produce on each device); replicated if they do not split."""
+        """Each layer's KV cache array ``[batch, max_len, kv_heads, head_dim]`` split by KV heads
+        (what column-parallel k/v projections produce on each device); replicated if they do not
+        split."""
         size = self.mesh.shape[self.axis]
-        return NamedSharding(self.mesh, P(None, None, None, self.axis, None) if kv_heads % size == 0 else P())
+        return NamedSharding(self.mesh, P(None, None, self.axis, None) if kv_heads % size == 0 else P())
 
 
 class RMSNorm(nnx.Module):
@@ -253,21 +257,64 @@ def _rotate_half(x: jax.Array) -> jax.Array:
     return jnp.concatenate([-x2, x1], axis=-1)
 
 
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, sin: jax.Array, kv: tuple[jax.Array, jax.Array], pos
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """HF eager attention of ``T`` new tokens at positions ``pos .. pos+T-1`` over a KV cache.
+
+    Args:
+      q: ``[B, T, heads, head_dim]``; k, v: ``[B, T, kv_heads, head_dim]``: the projections,
+        before the rotary embedding.
+      cos, sin: ``[1, T, head_dim]`` in the activation dtype.
+      kv: the layer's cache ``(k, v)``, each ``[B, max_len, kv_heads, head_dim]``.
+
+    Returns:
+      ``(out [B, T, heads * head_dim], (k, v) with the new tokens written at pos..)``.
+    """
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    q = q * c + _rotate_half(q) * s
+    k = k * c + _rotate_half(k) * s
+    at = (0, pos, 0, 0)
+    k_cache = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), at)
+    v_cache = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), at)
+    s_len = k_cache.shape[1]
+    qg = q.reshape(b, t, kvh, h // kvh, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_cache, preferred_element_type=jnp.float32)
+    # As HF eager: the score matmul's output in the activation dtype, scaled in that dtype,
+    # then the softmax in float32.
+    scores = (scores.astype(q.dtype) * jnp.asarray(d**-0.5, q.dtype)).astype(jnp.float32)
+    q_pos = pos + jnp.arange(t)[:, None]
+    visible = jnp.arange(s_len)[None, :] <= q_pos  # causal over the cache
+    scores = jnp.where(visible, scores, -jnp.inf)
+    p = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    o = jnp.einsum("bkgts,bskd->btkgd", p, v_cache, preferred_element_type=jnp.float32).astype(q.dtype)
+    return o.reshape(b, t, h * d), (k_cache, v_cache)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values ``[layers, batch, max_len, kv_heads, head_dim]`` in the activation dtype."""
+    """Keys and values in the activation dtype: per layer one ``[batch, max_len, kv_heads,
+    head_dim]`` array each (``k[i]``, ``v[i]`` for layer ``i``).
 
-    k: jax.Array
-    v: jax.Array
+    One array per layer rather than one stacked ``[layers, ...]`` array: a decode step updates each
+    layer's array in place and its attention reads that array as it is, where a stacked cache made
+    XLA copy every layer's slice out of it (two device-to-device copies per layer and step)."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
 
     @classmethod
     def init(
         cls, cfg: LlamaConfig, batch: int, max_len: int, dtype: jnp.dtype, sharding: NamedSharding | None = None
     ) -> KVCache:
         """Zeros; with ``sharding`` placed (or, under ``jit``, constrained) that way."""
-        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-        k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+        shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        n = cfg.num_hidden_layers
+        k = tuple(jnp.zeros(shape, dtype) for _ in range(n))
+        v = tuple(jnp.zeros(shape, dtype) for _ in range(n))
         if sharding is not None:
             k, v = jax.lax.with_sharding_constraint((k, v), sharding)
         return cls(k, v)
@@ -284,41 +331,34 @@ class Attention(nnx.Module):
         *,
         fuse: bool,
         prepare: bool,
+        kernel: bool = False,
     ):
         self.cfg = cfg
         self.qkv = Projections(ckpt, [f"{prefix}.{n}_proj" for n in "qkv"], backend, tp, fuse=fuse, prepare=prepare)
         self.o_proj = linear_from_checkpoint(ckpt, f"{prefix}.o_proj", backend, tp, prepare)
+        self.kernel = kernel and tp is None
 
-    def __call__(self, x, cos, sin, cache: KVCache, layer: int, pos):
+    def __call__(self, x, cos, sin, kv: tuple[jax.Array, jax.Array], pos):
+        """``kv``: this layer's cache arrays ``(k, v)``; returns ``(output, (k, v) updated)``."""
         cfg = self.cfg
         b, t, _ = x.shape
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        if self.kernel and t == 1 and attn_triton.supported(h, kvh, d, x.dtype) and kv[0].dtype == x.dtype:
+            # One decode token: the whole attention in one kernel (jaxfp4.kernels.attn_triton).
+            if not (interpreting() or jax.default_backend() == "gpu"):
+                raise ValueError("attention='pallas' needs an NVIDIA GPU (or jaxfp4.ops.pallas_interpret())")
+            if self.qkv.sizes is not None:
+                qkv = self.qkv.layers[0](x[:, 0])
+            else:
+                qkv = jnp.concatenate([y[:, 0] for y in self.qkv(x)], axis=-1)
+            o, k_cache, v_cache = attn_triton.decode_attention(
+                qkv, cos[0, 0], sin[0, 0], kv[0], kv[1], pos, heads=h, kv_heads=kvh, interpret=interpreting()
+            )
+            return self.o_proj(o[:, None]), (k_cache, v_cache)
         q, k, v = self.qkv(x)
         q, k, v = q.reshape(b, t, h, d), k.reshape(b, t, kvh, d), v.reshape(b, t, kvh, d)
-        c, s = cos[:, :, None, :], sin[:, :, None, :]
-        q = q * c + _rotate_half(q) * s
-        k = k * c + _rotate_half(k) * s
-        # Written in place into the whole cache (no per-layer slice re-stacked: that copies the
-        # full cache every decode step).
-        at = (layer, 0, pos, 0, 0)
-        cache = KVCache(
-            jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype)[None], at),
-            jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype)[None], at),
-        )
-        k_cache, v_cache = cache.k[layer], cache.v[layer]
-        s_len = k_cache.shape[1]
-        g = h // kvh
-        qg = q.reshape(b, t, kvh, g, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_cache, preferred_element_type=jnp.float32)
-        # As HF eager: the score matmul's output in the activation dtype, scaled in that dtype,
-        # then the softmax in float32.
-        scores = (scores.astype(x.dtype) * jnp.asarray(d**-0.5, x.dtype)).astype(jnp.float32)
-        q_pos = pos + jnp.arange(t)[:, None]
-        visible = jnp.arange(s_len)[None, :] <= q_pos  # causal over the cache
-        scores = jnp.where(visible, scores, -jnp.inf)
-        p = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        o = jnp.einsum("bkgts,bskd->btkgd", p, v_cache, preferred_element_type=jnp.float32).astype(x.dtype)
-        return self.o_proj(o.reshape(b, t, h * d)), cache
+        o, kv = attend(q, k, v, cos, sin, kv, pos)
+        return self.o_proj(o), kv
 
 
 class MLP(nnx.Module):
@@ -349,18 +389,19 @@ class Block(nnx.Module):
         *,
         fuse: bool,
         prepare: bool,
+        attn_kernel: bool = False,
     ):
         kw = dict(fuse=fuse, prepare=prepare)
         p = f"model.layers.{i}"
         self.input_layernorm = RMSNorm(ckpt.dense[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(ckpt.dense[f"{p}.post_attention_layernorm.weight"], cfg.rms_norm_eps)
-        self.self_attn = Attention(ckpt, f"{p}.self_attn", cfg, backend, tp, **kw)
+        self.self_attn = Attention(ckpt, f"{p}.self_attn", cfg, backend, tp, **kw, kernel=attn_kernel)
         self.mlp = MLP(ckpt, f"{p}.mlp", backend, tp, **kw)
 
-    def __call__(self, x, cos, sin, cache: KVCache, layer: int, pos):
-        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, pos)
+    def __call__(self, x, cos, sin, kv: tuple[jax.Array, jax.Array], pos):
+        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, kv, pos)
         x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
 class Llama(nnx.Module):
@@ -374,6 +415,12 @@ class Llama(nnx.Module):
     ``prepare``: give quantized weights their GPU kernel layout (:func:`jaxfp4.prepare_weights`;
     under ``tp`` one per shard); ``None``: when the default backend is a GPU and ``backend`` is
     not ``"xla"``. Make caches with :meth:`init_cache` (split like the k/v projections under ``tp``).
+    ``attention``: ``"pallas"`` runs each decode step's attention (one new token per row: rotary
+    embedding, cache update, scores, softmax, values) as one kernel
+    (:func:`jaxfp4.kernels.attn_triton.decode_attention`; bf16/fp16, power-of-two head_dim >= 32,
+    not under ``tp``; equal to the ``"xla"`` path up to float32 summation order), ``"xla"``
+    keeps it in jnp (:func:`attend`); ``None``: ``"pallas"`` when the default backend is a GPU.
+    Prompts (more than one token) always take :func:`attend`.
     """
 
     def __init__(
@@ -385,12 +432,16 @@ class Llama(nnx.Module):
         tp: TPConfig | None = None,
         fuse: bool = True,
         prepare: bool | None = None,
+        attention: str | None = None,
     ):
+        if attention not in (None, "xla", "pallas"):
+            raise ValueError(f"attention must be None, 'xla' or 'pallas', got {attention!r}")
         cfg = LlamaConfig.from_hf(ckpt.config)
         self.cfg, self.dtype = cfg, jnp.dtype(dtype)
         if prepare is None:
             prepare = jax.default_backend() == "gpu" and backend != "xla"
-        kw = dict(fuse=fuse, prepare=prepare)
+        attn_kernel = attention == "pallas" or (attention is None and jax.default_backend() == "gpu")
+        kw = dict(fuse=fuse, prepare=prepare, attn_kernel=attn_kernel)
         self.embed_tokens = nnx.Param(ckpt.dense["model.embed_tokens.weight"])
         self.layers = nnx.List([Block(ckpt, i, cfg, backend, tp, **kw) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(ckpt.dense["model.norm.weight"], cfg.rms_norm_eps)
@@ -413,10 +464,13 @@ class Llama(nnx.Module):
         freqs = positions[:, None] * self.inv_freq.get_value()[None, :]
         emb = jnp.concatenate([freqs, freqs], axis=-1)[None]
         cos, sin = jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
+        ks, vs = [], []
         for i, layer in enumerate(self.layers):
-            x, cache = layer(x, cos, sin, cache, i, pos)
+            x, (k, v) = layer(x, cos, sin, (cache.k[i], cache.v[i]), pos)
+            ks.append(k)
+            vs.append(v)
         logits = self.lm_head(self.norm(x)).astype(jnp.float32)
-        return logits, cache
+        return logits, KVCache(tuple(ks), tuple(vs))
 
 
 def _sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None) -> jax.Array:

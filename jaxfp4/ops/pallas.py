@@ -76,6 +76,11 @@ def pallas_interpret(enabled: bool = True) -> Iterator[None]:
         _interpret = old
 
 
+def interpreting() -> bool:
+    """Whether :func:`pallas_interpret` is on (kernels outside this backend follow it too)."""
+    return _interpret
+
+
 def _on_gpu() -> bool:
     try:
         return jax.default_backend() == "gpu"

@@ -12,12 +12,14 @@ result by one ulp and propagate. Tolerance: 2 bf16 ulps at the top of the logit 
 from __future__ import annotations
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
 import jaxfp4
@@ -70,6 +72,64 @@ def test_decode_loop_compiles_once_and_cache_matches_full_recompute():
 
     full, _ = model(seq, jnp.int32(0), KVCache.init(model.cfg, 2, seq.shape[1], jnp.float32))
     np.testing.assert_array_equal(np.asarray(jnp.argmax(full[:, PROMPT_LEN - 1 :], -1)), np.asarray(tokens))
+
+
+def test_decode_step_reads_the_cache_without_copying_it():
+    # Each layer's attention reads its cache array in place: the compiled step (on whatever device
+    # runs the tests) has no copy, slice or gather that produces a layer's whole cache. A stacked
+    # [layers, ...] cache sliced per layer did (two device-to-device copies per layer and step on
+    # the H100, kernels/results/decode-profile-*).
+    model = Llama(jaxfp4.load_checkpoint(os.path.join(FIXTURES, "ct-nvfp4a16")), dtype=jnp.bfloat16)
+    graphdef, state = nnx.split(model)
+    cache = model.init_cache(1, 24)
+    layer_shape = ",".join(map(str, cache.k[0].shape[1:]))  # max_len, kv_heads, head_dim
+
+    @jax.jit
+    def step(state, cache, tok, pos):
+        return nnx.merge(graphdef, state)(tok[:, None], pos, cache)
+
+    hlo = step.lower(state, cache, jnp.ones((1,), jnp.int32), jnp.int32(5)).compile().as_text()
+    assert "dynamic-update-slice" in hlo  # the checked text is the step's own
+    copies = [
+        line
+        for line in hlo.splitlines()
+        if re.search(r"= \w+\[(1,)*" + layer_shape + r"\]\S* (copy|slice|dynamic-slice|gather)\(", line)
+    ]
+    assert not copies, copies[:3]
+
+
+@pytest.mark.parametrize("name", ["ct-nvfp4a16", "ct-mxfp4a16"])
+def test_decode_attention_kernel_matches_the_jnp_attention(name):
+    # attention="pallas" (jaxfp4.kernels.attn_triton, here in interpret mode) runs each decode
+    # step's attention as one kernel: the same greedy tokens as the jnp attention ("xla"), and
+    # one decode step's logits within 2 bf16 ulps at the top of the logit range (the kernel's
+    # float32 sums run in another order; tests/kernels/test_attn_triton.py bounds that per layer).
+    ck = jaxfp4.load_checkpoint(os.path.join(FIXTURES, name))
+    ref, ker = Llama(ck, dtype=jnp.bfloat16, attention="xla"), Llama(ck, dtype=jnp.bfloat16, attention="pallas")
+    assert ker.layers[0].self_attn.kernel and not ref.layers[0].self_attn.kernel
+    prompt = jnp.asarray(_prompt(7).numpy())
+    want, _ = generate(ref, prompt, max_new_tokens=8)
+    with jaxfp4.ops.pallas_interpret():
+        got, _ = generate(ker, prompt, max_new_tokens=8)
+        cache = ker.init_cache(2, PROMPT_LEN + 1)
+        _, cache = ker(prompt, jnp.int32(0), cache)
+        step, _ = ker(want[:, :1], jnp.int32(PROMPT_LEN), cache)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    cache = ref.init_cache(2, PROMPT_LEN + 1)
+    _, cache = ref(prompt, jnp.int32(0), cache)
+    step_ref, _ = ref(want[:, :1], jnp.int32(PROMPT_LEN), cache)
+    tol = 2.0**-7 * float(jnp.abs(step_ref).max())
+    np.testing.assert_allclose(np.asarray(step), np.asarray(step_ref), rtol=0, atol=tol)
+
+
+def test_attention_kernel_needs_a_gpu_or_interpret_mode():
+    ck = jaxfp4.load_checkpoint(os.path.join(FIXTURES, "ct-nvfp4a16"))
+    with pytest.raises(ValueError, match="attention must be"):
+        Llama(ck, attention="flash")
+    if jax.default_backend() != "gpu":
+        model = Llama(ck, dtype=jnp.bfloat16, attention="pallas")
+        with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
+            generate(model, jnp.ones((1, 4), jnp.int32), max_new_tokens=2)
 
 
 def test_sampling_is_keyed_and_respects_top_k():
