@@ -4,7 +4,10 @@ Nothing is downloaded: weights are random (codes, E4M3 scales and the global div
 device), which changes no timing. Measured in the same run, on the same device:
 
 * decode tokens/s at batch 1 and 16: one jit of ``STEPS`` decode steps (``lax.scan``) after a
-  prompt, timed as a whole (per-token GPU work; no Python dispatch per token);
+  prompt, timed as a whole (per-token GPU work; no Python dispatch per token); and the same with
+  ``2 * STEPS`` steps, so that each record also holds the steady per-token rate (``marginal_*``:
+  the extra steps over the extra time) apart from a call's fixed cost (``fixed_seconds``: the
+  one-off work of a call, such as copying its non-donated cache and the first CUDA-graph launch);
 * prefill tokens/s at 2048 tokens, batch 1.
 
 Both models are built as a user gets them by default: q/k/v and gate/up fused into one layer each
@@ -116,9 +119,10 @@ def timed(fn, *args, reps: int) -> float:
     return statistics.median(ts)
 
 
-def greedy_decode(graphdef, steps: int):
+def greedy_decode(graphdef, steps: int, unroll: int = 1):
     """A jitted ``(state, cache, tok [B], pos) -> last tok``: ``steps`` greedy decode steps in one
-    ``lax.scan`` (per-token GPU work, no Python dispatch per token)."""
+    ``lax.scan`` (per-token GPU work, no Python dispatch per token), ``unroll`` steps per loop
+    iteration."""
 
     @jax.jit
     def decode(state, cache, tok, pos):
@@ -129,7 +133,7 @@ def greedy_decode(graphdef, steps: int):
             logits, cache = m(tok[:, None], pos, cache)
             return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache, pos + 1), None
 
-        return jax.lax.scan(step, (tok, cache, pos), None, length=steps)[0][0]
+        return jax.lax.scan(step, (tok, cache, pos), None, length=steps, unroll=unroll)[0][0]
 
     return decode
 
@@ -146,6 +150,7 @@ def bench_model(model: Llama, name: str, args) -> list[dict]:
         return logits[:, -1]
 
     decode = greedy_decode(graphdef, args.steps)
+    decode2 = greedy_decode(graphdef, 2 * args.steps)
 
     out = []
     phases = args.phases.split(",")
@@ -157,11 +162,25 @@ def bench_model(model: Llama, name: str, args) -> list[dict]:
         )
         print(out[-1], flush=True)
     for b in (int(p[1:]) for p in phases if p.startswith("b")):
-        cache = model.init_cache(b, args.context + args.steps)
-        s = timed(decode, state, cache, jnp.ones((b,), jnp.int32), jnp.int32(args.context), reps=args.reps)
+        # One cache length for both calls, so that their steps cost the same.
+        cache = model.init_cache(b, args.context + 2 * args.steps)
+        call = (state, cache, jnp.ones((b,), jnp.int32), jnp.int32(args.context))
+        s = timed(decode, *call, reps=args.reps)
+        s2 = timed(decode2, *call, reps=args.reps)
+        per_step = (s2 - s) / args.steps
         out.append(
             dict(
-                model=name, phase="decode", batch=b, tokens=b * args.steps, seconds=s, tokens_per_s=b * args.steps / s, tp=tp
+                model=name,
+                phase="decode",
+                batch=b,
+                tokens=b * args.steps,
+                seconds=s,
+                tokens_per_s=b * args.steps / s,
+                marginal_step_seconds=per_step,
+                marginal_tokens_per_s=b / per_step,
+                fixed_seconds=s - args.steps * per_step,
+                cache_len=args.context + 2 * args.steps,
+                tp=tp,
             )
         )
         print(out[-1], flush=True)
@@ -178,6 +197,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--backend", default=None)
     ap.add_argument("--no-fuse", action="store_true", help="run q/k/v and gate/up as separate layers")
+    ap.add_argument("--attention", default=None, help="the model's attention: xla or pallas (default: pallas on a GPU)")
     ap.add_argument("--phases", default="prefill,b1,b16", help="prefill and/or decode batch sizes bN")
     ap.add_argument("--tp", type=int, default=1, help="tensor parallel over this many devices")
     ap.add_argument("--out", default="kernels/results")
@@ -191,7 +211,7 @@ def main() -> None:
     records = []
     for fp4 in (False, True):
         ckpt = random_checkpoint(cfg, fp4)
-        model = Llama(ckpt, dtype=jnp.bfloat16, backend=args.backend, fuse=not args.no_fuse, tp=tp)
+        model = Llama(ckpt, dtype=jnp.bfloat16, backend=args.backend, fuse=not args.no_fuse, tp=tp, attention=args.attention)
         del ckpt
         records += bench_model(model, "nvfp4_w4a16" if fp4 else "bf16", args)
         del model
