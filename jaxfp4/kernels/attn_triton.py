@@ -3,17 +3,17 @@
 Under XLA a decode step's attention takes about eight kernels per layer on the GPU: the rotary
 embedding of q, two cache updates (with k's rotary embedding), the score matmul, the softmax's
 maximum and sum, its normalization, and the probability-value matmul. At decode each of them moves
-a few kilobytes, so their launches and the gaps between them cost more than their work. Here one
-kernel does it all for one new token per row:
+a few kilobytes, so their launches and the gaps between them cost more than their work. The
+rotary embedding stays in XLA (:func:`jaxfp4.models.llama.rope`: it fuses into the kernel or
+epilogue that produces q/k/v), and one kernel does the rest for one new token per row:
 
-* rotary embedding of that token's q and k, each product and the sum rounded to the activation
-  dtype as HF's ``q * cos + rotate_half(q) * sin`` is;
 * the new k and v written into the cache at ``pos`` (in place: the cache operands are aliased to
   the outputs);
-* scores ``q . k`` over the cache in float32, rounded to the activation dtype, scaled by
-  ``head_dim ** -0.5`` in that dtype (as HF eager), then in float32 masked to positions
-  ``<= pos``; softmax in float32 (maximum, ``exp(s - max)``, the sum, the quotient), the
-  probabilities rounded to the activation dtype; ``p . v`` in float32, rounded.
+* scores ``q . k`` over the cache in float32 (tensor-core products of the bf16/fp16 operands,
+  exact, summed in float32), rounded to the activation dtype, scaled by ``head_dim ** -0.5`` in
+  that dtype (as HF eager), then in float32 masked to positions ``<= pos``; softmax in float32
+  (maximum, ``exp(s - max)``, the sum, the quotient), the probabilities rounded to the activation
+  dtype; ``p . v`` summed in float32, rounded.
 
 So the kernel computes what :func:`jaxfp4.models.llama.attend` computes for one token, except for
 the order of its float32 sums (dot products, the softmax sum) and the float32 ``exp`` and quotient
@@ -21,10 +21,12 @@ of the GPU's Triton lowering (fast approximations within a few float32 ulps). Ro
 hides nearly all of that; where a sum lands on a bf16 rounding boundary, a score or probability
 moves by one ulp (``tests/kernels/test_attn_triton.py`` states the tolerance that follows).
 
-One program per (row, query head): it reads its KV head's cache (blocks of ``block`` positions,
-only the blocks up to ``pos``: positions past ``pos`` would contribute exact zeros). The program
-of a KV head's first query head writes that head's new k and v; every program uses the new k and
-v from its registers at ``pos``, so no program depends on another's write.
+One program per (row, KV head), its query heads as the rows of the products (padded to 16). It
+reads its head's cache in blocks of up to 256 positions, only the blocks up to ``pos`` (positions
+past ``pos`` would contribute exact zeros), three times (maximum, sum, values: HF's softmax
+normalizes by the exact maximum and sum, which an online softmax would round differently); a
+decode cache of up to 256 positions is one block, so each pass is one load (the second and third
+from cache). The new k and v are used from registers at ``pos``.
 """
 
 from __future__ import annotations
@@ -43,146 +45,167 @@ DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 def supported(heads: int, kv_heads: int, head_dim: int, dtype: jnp.dtype) -> bool:
     """Whether :func:`decode_attention` runs this shape: a power-of-two ``head_dim`` of at least
-    16 (the kernel loads halves of a head), whole query groups, bf16 or fp16."""
-    return head_dim >= 16 and head_dim & (head_dim - 1) == 0 and heads % kv_heads == 0 and jnp.dtype(dtype) in DTYPES
+    16 (the tensor-core products' depth), at most 16 query heads per KV head, bf16 or fp16."""
+    return (
+        head_dim >= 16
+        and head_dim & (head_dim - 1) == 0
+        and heads % kv_heads == 0
+        and heads // kv_heads <= 16
+        and jnp.dtype(dtype) in DTYPES
+    )
 
 
-def _rope(a: jax.Array, b: jax.Array, ca, cb, sa, sb, dt) -> tuple[jax.Array, jax.Array]:
-    """HF's ``x * cos + rotate_half(x) * sin`` on the halves ``(a, b)`` of ``x``
-    (``rotate_half(x) = (-b, a)``), rounding each product and the sum to ``dt`` as HF does."""
-    f32 = jnp.float32
-
-    def r(v):
-        return v.astype(dt).astype(f32)
-
-    a32, b32 = a.astype(f32), b.astype(f32)
-    lo = r(r(a32 * ca.astype(f32)) - r(b32 * sa.astype(f32)))
-    hi = r(r(b32 * cb.astype(f32)) + r(a32 * sb.astype(f32)))
-    return lo, hi
+def _block(max_len: int) -> int:
+    """Cache positions per block: ``max_len`` rounded up to a power of two, from 16 to 256."""
+    return min(256, max(16, 1 << (max_len - 1).bit_length()))
 
 
-@functools.partial(jax.jit, static_argnames=("heads", "kv_heads", "block", "interpret"), donate_argnums=(3, 4))
+@functools.partial(
+    jax.jit, static_argnames=("heads", "kv_heads", "block", "per_head", "num_warps", "interpret"), donate_argnums=(1, 2)
+)
 def decode_attention(
     qkv: jax.Array,
-    cos: jax.Array,
-    sin: jax.Array,
     k_cache: jax.Array,
     v_cache: jax.Array,
     pos: jax.Array,
     *,
     heads: int,
     kv_heads: int,
-    block: int = 64,
+    block: int | None = None,
+    per_head: bool = False,
+    num_warps: int = 4,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Attention of one new token per row over a KV cache, with the cache update.
 
     Args:
-      qkv: ``[B, (heads + 2 * kv_heads) * head_dim]``: the token's q, k and v projections side by
-        side (q's heads first, then k's, then v's; each head ``head_dim`` wide), before the
-        rotary embedding.
-      cos, sin: ``[head_dim]``: the rotary embedding at ``pos`` (HF's ``cos``/``sin``, in the
-        activation dtype).
+      qkv: ``[B, (heads + 2 * kv_heads) * head_dim]``: the token's q, k and v side by side (q's
+        heads first, then k's, then v's; each head ``head_dim`` wide), q and k after the rotary
+        embedding.
       k_cache, v_cache: ``[B, max_len, kv_heads, head_dim]``, donated: updated in place.
       pos: int32 scalar, the token's position (``< max_len``); positions ``< pos`` hold the
         earlier tokens' keys and values.
-      block: cache positions per step of a program's loops (a power of two).
+      block: cache positions per step of a program's loops (a power of two, at least 16;
+        default :func:`_block`).
+      per_head: one program per query head (its KV head's cache read by each of the group's
+        programs; products as float32 elementwise sums) instead of one per KV head.
 
     Returns:
       ``(out [B, heads * head_dim], k_cache, v_cache)``: the attention output in the activation
-      dtype, before ``o_proj``; the caches with the token's k (rotary-embedded) and v at ``pos``.
+      dtype, before ``o_proj``; the caches with the token's k and v at ``pos``.
     """
-    b, _, kvh, d = k_cache.shape
+    b, s_len, kvh, d = k_cache.shape
     dt = k_cache.dtype
     if kvh != kv_heads or not supported(heads, kv_heads, d, dt):
         raise ValueError(f"decode_attention: unsupported heads={heads}, kv_heads={kv_heads}, cache {k_cache.shape} {dt}")
     if qkv.shape != (b, (heads + 2 * kv_heads) * d) or qkv.dtype != dt or v_cache.shape != k_cache.shape:
         raise ValueError(f"decode_attention: qkv {qkv.shape} {qkv.dtype} does not match the cache {k_cache.shape} {dt}")
+    block = _block(s_len) if block is None else block
     g = heads // kv_heads
-    half = d // 2
+    gp = 16  # query rows per program: the group, zero-padded to the products' minimum
     # HF scales the scores by head_dim ** -0.5 in the activation dtype: that constant, exactly.
     scale = float(np.asarray(d**-0.5, dtype=dt))
     f32 = jnp.float32
     qkv3 = qkv.reshape(b, heads + 2 * kv_heads, d)
-    cs = jnp.stack([cos.reshape(d), sin.reshape(d)]).astype(dt)
     pos1 = jnp.asarray(pos, jnp.int32).reshape(1)
 
-    def kernel(pos_ref, cs_ref, q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, kc_out, vc_out):
-        bi, h = pl.program_id(0), pl.program_id(1)
-        kv = h // g
+    def kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, kc_out, vc_out):
+        bi, kv = pl.program_id(0), pl.program_id(1)
         p = pos_ref[0]
-        ca, cb = cs_ref[0, pl.ds(0, half)], cs_ref[0, pl.ds(half, half)]
-        sa, sb = cs_ref[1, pl.ds(0, half)], cs_ref[1, pl.ds(half, half)]
-        qa, qb = _rope(q_ref[0, 0, pl.ds(0, half)], q_ref[0, 0, pl.ds(half, half)], ca, cb, sa, sb, dt)
-        ka, kb = _rope(k_ref[0, 0, pl.ds(0, half)], k_ref[0, 0, pl.ds(half, half)], ca, cb, sa, sb, dt)
-        vn = v_ref[0, 0, :].astype(f32)
+        rows = jnp.arange(gp)
+        q = pl_triton.load(
+            qkv_ref.at[bi, pl.ds(kv * g, gp), :], mask=jnp.broadcast_to((rows < g)[:, None], (gp, d)), other=0
+        )
+        kn = qkv_ref[bi, heads + kv, :]
+        vn = qkv_ref[bi, heads + kv_heads + kv, :]
+        pl_triton.store(kc_out.at[bi, p, kv, :], kn)
+        pl_triton.store(vc_out.at[bi, p, kv, :], vn)
 
-        @pl.when(h % g == 0)
-        def _():
-            pl_triton.store(kc_out.at[bi, p, kv, pl.ds(0, half)], ka.astype(dt))
-            pl_triton.store(kc_out.at[bi, p, kv, pl.ds(half, half)], kb.astype(dt))
-            pl_triton.store(vc_out.at[bi, p, kv, :], vn.astype(dt))
+        def tile(ref, new, i, live, here):
+            """Positions ``i * block ..`` of a cache (zeros past ``pos``, the new row at ``pos``)."""
+            t = pl_triton.load(
+                ref.at[bi, pl.ds(i * block, block), kv, :], mask=jnp.broadcast_to(live[:, None], (block, d)), other=0
+            )
+            return jnp.where(here[:, None], new[None, :], t)
 
         def scores(i):
-            """Scaled, masked float32 scores of positions ``i * block ..`` and their indices."""
+            """Scaled, masked float32 scores ``[gp, block]`` of positions ``i * block ..``."""
             idx = i * block + jnp.arange(block)
-            live = idx <= p
-            here = (idx == p)[:, None]
-            rows = pl.ds(i * block, block)
-            lv = jnp.broadcast_to(live[:, None], (block, half))
-            ca_ = pl_triton.load(kc_ref.at[bi, rows, kv, pl.ds(0, half)], mask=lv, other=0).astype(f32)
-            cb_ = pl_triton.load(kc_ref.at[bi, rows, kv, pl.ds(half, half)], mask=lv, other=0).astype(f32)
-            ca_ = jnp.where(here, ka[None, :], ca_)
-            cb_ = jnp.where(here, kb[None, :], cb_)
-            sc = jnp.sum(ca_ * qa[None, :], axis=1) + jnp.sum(cb_ * qb[None, :], axis=1)
+            live, here = idx <= p, idx == p
+            sc = pl_triton.dot(q, tile(kc_ref, kn, i, live, here), trans_b=True)
             sc = (sc.astype(dt).astype(f32) * scale).astype(dt).astype(f32)
-            return jnp.where(live, sc, -jnp.inf), idx, live, here, rows
+            return jnp.where(live[None, :], sc, -jnp.inf), live, here
 
         steps = p // block + 1  # blocks holding positions 0..pos
 
         def mx(i, m):
-            return jnp.maximum(m, jnp.max(scores(i)[0]))
+            return jnp.maximum(m, jnp.max(scores(i)[0], axis=1))
 
-        m = jax.lax.fori_loop(0, steps, mx, jnp.float32(-jnp.inf))
+        m = jax.lax.fori_loop(0, steps, mx, jnp.full((gp,), -jnp.inf, f32))
 
         def total(i, acc):
-            return acc + jnp.sum(jnp.exp(scores(i)[0] - m))
+            return acc + jnp.sum(jnp.exp(scores(i)[0] - m[:, None]), axis=1)
 
-        den = jax.lax.fori_loop(0, steps, total, jnp.float32(0))
+        den = jax.lax.fori_loop(0, steps, total, jnp.zeros((gp,), f32))
 
         def pv(i, acc):
-            sc, _, live, here, rows = scores(i)
+            sc, live, here = scores(i)
+            prob = (jnp.exp(sc - m[:, None]) / den[:, None]).astype(dt)
+            return acc + pl_triton.dot(prob, tile(vc_ref, vn, i, live, here))
+
+        acc = jax.lax.fori_loop(0, steps, pv, jnp.zeros((gp, d), f32))
+        pl_triton.store(
+            o_ref.at[bi, pl.ds(kv * g, gp), :], acc.astype(dt), mask=jnp.broadcast_to((rows < g)[:, None], (gp, d))
+        )
+
+    def kernel_head(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, kc_out, vc_out):
+        bi, h = pl.program_id(0), pl.program_id(1)
+        kv = h // g
+        p = pos_ref[0]
+        q = qkv_ref[bi, h, :].astype(f32)
+        kn = qkv_ref[bi, heads + kv, :]
+        vn = qkv_ref[bi, heads + kv_heads + kv, :]
+
+        @pl.when(h % g == 0)
+        def _():
+            pl_triton.store(kc_out.at[bi, p, kv, :], kn)
+            pl_triton.store(vc_out.at[bi, p, kv, :], vn)
+
+        def tile(ref, new, i, live, here):
+            t = pl_triton.load(
+                ref.at[bi, pl.ds(i * block, block), kv, :], mask=jnp.broadcast_to(live[:, None], (block, d)), other=0
+            )
+            return jnp.where(here[:, None], new[None, :], t).astype(f32)
+
+        def scores(i):
+            idx = i * block + jnp.arange(block)
+            live, here = idx <= p, idx == p
+            sc = jnp.sum(tile(kc_ref, kn, i, live, here) * q[None, :], axis=1)
+            sc = (sc.astype(dt).astype(f32) * scale).astype(dt).astype(f32)
+            return jnp.where(live, sc, -jnp.inf), live, here
+
+        steps = p // block + 1
+        m = jax.lax.fori_loop(0, steps, lambda i, m: jnp.maximum(m, jnp.max(scores(i)[0])), jnp.float32(-jnp.inf))
+        den = jax.lax.fori_loop(0, steps, lambda i, a: a + jnp.sum(jnp.exp(scores(i)[0] - m)), jnp.float32(0))
+
+        def pv(i, acc):
+            sc, live, here = scores(i)
             prob = (jnp.exp(sc - m) / den).astype(dt).astype(f32)
-            lv = jnp.broadcast_to(live[:, None], (block, d))
-            vb = pl_triton.load(vc_ref.at[bi, rows, kv, :], mask=lv, other=0).astype(f32)
-            vb = jnp.where(here, vn[None, :], vb)
-            return acc + jnp.sum(prob[:, None] * vb, axis=0)
+            return acc + jnp.sum(prob[:, None] * tile(vc_ref, vn, i, live, here), axis=0)
 
         acc = jax.lax.fori_loop(0, steps, pv, jnp.zeros((d,), f32))
-        o_ref[0, 0, :] = acc.astype(dt)
+        o_ref[bi, h, :] = acc.astype(dt)
 
     whole = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)
-    row = lambda f: pl.BlockSpec((1, 1, d), lambda i, j: (i, f(j), 0))
+    out_shape = jax.ShapeDtypeStruct((b, heads, d), dt)
     out, kc, vc = pl.pallas_call(
-        kernel,
-        out_shape=(
-            jax.ShapeDtypeStruct((b, heads, d), dt),
-            jax.ShapeDtypeStruct(k_cache.shape, dt),
-            jax.ShapeDtypeStruct(v_cache.shape, dt),
-        ),
-        grid=(b, heads),
-        in_specs=[
-            whole(pos1),
-            whole(cs),
-            row(lambda j: j),
-            row(lambda j: heads + j // g),
-            row(lambda j: heads + kv_heads + j // g),
-            whole(k_cache),
-            whole(v_cache),
-        ],
-        out_specs=(row(lambda j: j), whole(k_cache), whole(v_cache)),
-        input_output_aliases={5: 1, 6: 2},
-        compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=1),
+        kernel_head if per_head else kernel,
+        out_shape=(out_shape, jax.ShapeDtypeStruct(k_cache.shape, dt), jax.ShapeDtypeStruct(v_cache.shape, dt)),
+        grid=(b, heads if per_head else kv_heads),
+        in_specs=[whole(pos1), whole(qkv3), whole(k_cache), whole(v_cache)],
+        out_specs=(whole(out_shape), whole(k_cache), whole(v_cache)),
+        input_output_aliases={2: 1, 3: 2},
+        compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
-    )(pos1, cs, qkv3, qkv3, qkv3, k_cache, v_cache)
+    )(pos1, qkv3, k_cache, v_cache)
     return out.reshape(b, heads * d), kc, vc

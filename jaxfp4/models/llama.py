@@ -257,6 +257,12 @@ def _rotate_half(x: jax.Array) -> jax.Array:
     return jnp.concatenate([-x2, x1], axis=-1)
 
 
+def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """HF's rotary embedding ``x * cos + rotate_half(x) * sin`` in the activation dtype;
+    ``x [..., head_dim]``, ``cos``/``sin`` broadcastable to it."""
+    return x * cos + _rotate_half(x) * sin
+
+
 def attend(
     q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, sin: jax.Array, kv: tuple[jax.Array, jax.Array], pos
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -274,8 +280,7 @@ def attend(
     b, t, h, d = q.shape
     kvh = k.shape[2]
     c, s = cos[:, :, None, :], sin[:, :, None, :]
-    q = q * c + _rotate_half(q) * s
-    k = k * c + _rotate_half(k) * s
+    q, k = rope(q, c, s), rope(k, c, s)
     at = (0, pos, 0, 0)
     k_cache = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), at)
     v_cache = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), at)
@@ -347,12 +352,14 @@ class Attention(nnx.Module):
             # One decode token: the whole attention in one kernel (jaxfp4.kernels.attn_triton).
             if not (interpreting() or jax.default_backend() == "gpu"):
                 raise ValueError("attention='pallas' needs an NVIDIA GPU (or jaxfp4.ops.pallas_interpret())")
-            if self.qkv.sizes is not None:
-                qkv = self.qkv.layers[0](x[:, 0])
-            else:
-                qkv = jnp.concatenate([y[:, 0] for y in self.qkv(x)], axis=-1)
+            q, k, v = (y[:, 0] for y in self.qkv(x))
+            c, s = cos[0, 0], sin[0, 0]
+            q, k = rope(q.reshape(b, h, d), c, s), rope(k.reshape(b, kvh, d), c, s)
+            # One operand; XLA fuses the split, the rotary embedding and this concatenation into
+            # the fusion that produces q/k/v.
+            qkv = jnp.concatenate([q.reshape(b, -1), k.reshape(b, -1), v], axis=-1)
             o, k_cache, v_cache = attn_triton.decode_attention(
-                qkv, cos[0, 0], sin[0, 0], kv[0], kv[1], pos, heads=h, kv_heads=kvh, interpret=interpreting()
+                qkv, kv[0], kv[1], pos, heads=h, kv_heads=kvh, interpret=interpreting()
             )
             return self.o_proj(o[:, None]), (k_cache, v_cache)
         q, k, v = self.qkv(x)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from jaxfp4.kernels import attn_triton as A
-from jaxfp4.models.llama import attend
+from jaxfp4.models.llama import attend, rope
 from tests.conftest import requires_gpu
 
 # (batch, max_len, heads, kv_heads, head_dim, pos): groups of 1, 2 and 4 query heads, lengths that
@@ -45,6 +45,18 @@ def _inputs(seed: int, b: int, s: int, h: int, kvh: int, d: int, pos: int, dtype
     ang = pos * np.concatenate([inv, inv])
     cast = lambda a: jnp.asarray(a, jnp.float32).astype(dtype)
     return cast(qkv), cast(np.cos(ang)), cast(np.sin(ang)), cast(kc), cast(vc)
+
+
+def _roped(qkv, cos, sin, h, kvh):
+    """The kernel's operand: q and k of ``qkv`` rotary-embedded, as the model does."""
+    b, d = qkv.shape[0], cos.shape[-1]
+    q, k, v = jnp.split(qkv, [h * d, (h + kvh) * d], axis=-1)
+    q, k = rope(q.reshape(b, h, d), cos, sin), rope(k.reshape(b, kvh, d), cos, sin)
+    return jnp.concatenate([q.reshape(b, -1), k.reshape(b, -1), v], axis=-1)
+
+
+def _run(qkv, cos, sin, kc, vc, pos, h, kvh, **kw):
+    return A.decode_attention(_roped(qkv, cos, sin, h, kvh), kc, vc, jnp.int32(pos), heads=h, kv_heads=kvh, **kw)
 
 
 def _reference(qkv, cos, sin, kc, vc, pos, h, kvh):
@@ -75,12 +87,13 @@ def _check(got, want, dtype):
     assert np.mean(near) >= 0.99, np.mean(near)
 
 
+@pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize(("b", "s", "h", "kvh", "d", "pos"), CASES)
-def test_kernel_matches_attend_in_interpret_mode(b, s, h, kvh, d, pos, dtype):
+def test_kernel_matches_attend_in_interpret_mode(b, s, h, kvh, d, pos, dtype, per_head):
     qkv, cos, sin, kc, vc = _inputs(s + pos, b, s, h, kvh, d, pos, dtype)
     want = _reference(qkv, cos, sin, kc, vc, pos, h, kvh)
-    got = A.decode_attention(qkv, cos, sin, kc, vc, jnp.int32(pos), heads=h, kv_heads=kvh, interpret=True)
+    got = _run(qkv, cos, sin, kc, vc, pos, h, kvh, per_head=per_head, interpret=True)
     assert got[0].shape == (b, h * d) and got[0].dtype == dtype
     _check(got, want, dtype)
 
@@ -93,7 +106,7 @@ def test_kernel_block_size_does_not_change_the_result():
     want = _reference(*args, pos, h, kvh)
     for block in (16, 32, 128):
         fresh = [jnp.array(a, copy=True) for a in args]  # the caches are donated
-        got = A.decode_attention(*fresh, jnp.int32(pos), heads=h, kv_heads=kvh, block=block, interpret=True)
+        got = _run(*fresh, pos, h, kvh, block=block, interpret=True)
         _check(got, want, jnp.bfloat16)
 
 
@@ -101,29 +114,33 @@ def test_kernel_lowers_for_cuda_on_cpu_install():
     b, s, h, kvh, d, pos = 1, 160, 32, 8, 128, 100
     args = _inputs(0, b, s, h, kvh, d, pos, jnp.bfloat16)
     f = jax.jit(A.decode_attention, static_argnames=("heads", "kv_heads", "block", "interpret"))
-    text = f.trace(*args, jnp.int32(pos), heads=h, kv_heads=kvh).lower(lowering_platforms=("cuda",)).as_text()
+    qkv, cos, sin, kc, vc = args
+    lowered = f.trace(_roped(qkv, cos, sin, h, kvh), kc, vc, jnp.int32(pos), heads=h, kv_heads=kvh)
+    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text
 
 
 def test_unsupported_shapes_are_refused():
     assert A.supported(32, 8, 128, jnp.bfloat16)
     assert not A.supported(32, 8, 96, jnp.bfloat16)  # head_dim not a power of two
-    assert not A.supported(32, 8, 8, jnp.bfloat16)  # too narrow for the kernel's half-head loads
+    assert not A.supported(32, 8, 8, jnp.bfloat16)  # too shallow for the tensor-core products
+    assert not A.supported(34, 2, 128, jnp.bfloat16)  # more than 16 query heads per KV head
     assert not A.supported(32, 8, 128, jnp.float32)
     assert not A.supported(30, 8, 128, jnp.bfloat16)  # not whole query groups
-    args = _inputs(0, 1, 16, 4, 2, 96, 3, jnp.bfloat16)
+    qkv, _, _, kc, vc = _inputs(0, 1, 16, 4, 2, 96, 3, jnp.bfloat16)
     with pytest.raises(ValueError, match="unsupported"):
-        A.decode_attention(*args, jnp.int32(3), heads=4, kv_heads=2, interpret=True)
-    args = _inputs(0, 1, 16, 4, 2, 64, 3, jnp.bfloat16)
+        A.decode_attention(qkv, kc, vc, jnp.int32(3), heads=4, kv_heads=2, interpret=True)
+    qkv, _, _, kc, vc = _inputs(0, 1, 16, 4, 2, 64, 3, jnp.bfloat16)
     with pytest.raises(ValueError, match="does not match"):
-        A.decode_attention(args[0][:, :-64], *args[1:], jnp.int32(3), heads=4, kv_heads=2, interpret=True)
+        A.decode_attention(qkv[:, :-64], kc, vc, jnp.int32(3), heads=4, kv_heads=2, interpret=True)
 
 
 @requires_gpu
+@pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize(("b", "s", "h", "kvh", "d", "pos"), [*CASES, (16, 2048, 32, 8, 128, 2000)])
-def test_kernel_matches_attend_on_gpu(b, s, h, kvh, d, pos, dtype):
+def test_kernel_matches_attend_on_gpu(b, s, h, kvh, d, pos, dtype, per_head):
     qkv, cos, sin, kc, vc = _inputs(s + pos, b, s, h, kvh, d, pos, dtype)
     want = _reference(qkv, cos, sin, kc, vc, pos, h, kvh)
-    got = A.decode_attention(qkv, cos, sin, kc, vc, jnp.int32(pos), heads=h, kv_heads=kvh)
+    got = _run(qkv, cos, sin, kc, vc, pos, h, kvh, per_head=per_head)
     _check(got, want, dtype)
