@@ -10,7 +10,8 @@ place).
     python kernels/bench_attention.py --out kernels/results
 
 Writes ``attention-<device>.json``: ``{"device", "records": [{"batch", "max_len", "pos", "path":
-"xla" | "kernel", "per_head", "block", "num_warps", "us"}]}``.
+"xla" | "kernel", "block", "num_warps", "us", "kernels"}]}`` (records of session 17's first run
+also have ``per_head``: a variant with one program per query head, removed after it).
 """
 
 from __future__ import annotations
@@ -87,10 +88,10 @@ def main() -> None:
         us, names = gpu_us(xla, make, args.reps)
         records.append(dict(rec, path="xla", us=us, kernels=names))
         print(records[-1], flush=True)
-        for per_head, block, warps in itertools.product((False, True), (32, 64, 128, 256), (4, 8)):
+        for block, warps in itertools.product((32, 64, 128, 256), (4, 8)):
             if block > max(16, 1 << (s - 1).bit_length()):
                 continue
-            kw = dict(per_head=per_head, block=block, num_warps=warps)
+            kw = dict(block=block, num_warps=warps)
             try:
                 us, names = gpu_us(lambda *a, kw=kw, kernel=kernel: kernel(*a, **kw), make, args.reps)
             except Exception as e:  # a variant that does not compile (registers, shared memory)

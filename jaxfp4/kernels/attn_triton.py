@@ -26,7 +26,8 @@ reads its head's cache in blocks of up to 256 positions, only the blocks up to `
 past ``pos`` would contribute exact zeros), three times (maximum, sum, values: HF's softmax
 normalizes by the exact maximum and sum, which an online softmax would round differently); a
 decode cache of up to 256 positions is one block, so each pass is one load (the second and third
-from cache). The new k and v are used from registers at ``pos``.
+from cache). The new k and v are used from registers at ``pos``. With few programs and three
+passes it is a short-cache kernel: the model uses it up to :data:`MAX_LEN` positions.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ from jax.experimental.pallas import triton as pl_triton
 
 #: Dtypes the kernel takes (activations and cache).
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+#: Longest cache the model sends to the kernel. On the H100 (``results/attention-*.json``, GPU
+#: time with the rotary-embedding fusion, Llama-3-8B heads) it beat the jnp attention at 160 and
+#: 256 positions (batch 1: 10.5 / 11.1 vs 12.9 / 13.6 us; batch 16 at 256: 13.8 vs 39.5 us) and
+#: lost from 1024 (batch 1: 37 vs 16 us): its batch x KV-heads programs read the whole cache
+#: three times each, where XLA's kernels spread it over the GPU.
+MAX_LEN = 256
 
 
 def supported(heads: int, kv_heads: int, head_dim: int, dtype: jnp.dtype) -> bool:
@@ -60,9 +68,7 @@ def _block(max_len: int) -> int:
     return min(256, max(16, 1 << (max_len - 1).bit_length()))
 
 
-@functools.partial(
-    jax.jit, static_argnames=("heads", "kv_heads", "block", "per_head", "num_warps", "interpret"), donate_argnums=(1, 2)
-)
+@functools.partial(jax.jit, static_argnames=("heads", "kv_heads", "block", "num_warps", "interpret"), donate_argnums=(1, 2))
 def decode_attention(
     qkv: jax.Array,
     k_cache: jax.Array,
@@ -72,8 +78,7 @@ def decode_attention(
     heads: int,
     kv_heads: int,
     block: int | None = None,
-    per_head: bool = False,
-    num_warps: int = 4,
+    num_warps: int = 8,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Attention of one new token per row over a KV cache, with the cache update.
@@ -87,8 +92,7 @@ def decode_attention(
         earlier tokens' keys and values.
       block: cache positions per step of a program's loops (a power of two, at least 16;
         default :func:`_block`).
-      per_head: one program per query head (its KV head's cache read by each of the group's
-        programs; products as float32 elementwise sums) instead of one per KV head.
+      num_warps: warps per program (8 was the fastest on the H100, ``kernels/bench_attention.py``).
 
     Returns:
       ``(out [B, heads * head_dim], k_cache, v_cache)``: the attention output in the activation
@@ -158,50 +162,12 @@ def decode_attention(
             o_ref.at[bi, pl.ds(kv * g, gp), :], acc.astype(dt), mask=jnp.broadcast_to((rows < g)[:, None], (gp, d))
         )
 
-    def kernel_head(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, kc_out, vc_out):
-        bi, h = pl.program_id(0), pl.program_id(1)
-        kv = h // g
-        p = pos_ref[0]
-        q = qkv_ref[bi, h, :].astype(f32)
-        kn = qkv_ref[bi, heads + kv, :]
-        vn = qkv_ref[bi, heads + kv_heads + kv, :]
-
-        @pl.when(h % g == 0)
-        def _():
-            pl_triton.store(kc_out.at[bi, p, kv, :], kn)
-            pl_triton.store(vc_out.at[bi, p, kv, :], vn)
-
-        def tile(ref, new, i, live, here):
-            t = pl_triton.load(
-                ref.at[bi, pl.ds(i * block, block), kv, :], mask=jnp.broadcast_to(live[:, None], (block, d)), other=0
-            )
-            return jnp.where(here[:, None], new[None, :], t).astype(f32)
-
-        def scores(i):
-            idx = i * block + jnp.arange(block)
-            live, here = idx <= p, idx == p
-            sc = jnp.sum(tile(kc_ref, kn, i, live, here) * q[None, :], axis=1)
-            sc = (sc.astype(dt).astype(f32) * scale).astype(dt).astype(f32)
-            return jnp.where(live, sc, -jnp.inf), live, here
-
-        steps = p // block + 1
-        m = jax.lax.fori_loop(0, steps, lambda i, m: jnp.maximum(m, jnp.max(scores(i)[0])), jnp.float32(-jnp.inf))
-        den = jax.lax.fori_loop(0, steps, lambda i, a: a + jnp.sum(jnp.exp(scores(i)[0] - m)), jnp.float32(0))
-
-        def pv(i, acc):
-            sc, live, here = scores(i)
-            prob = (jnp.exp(sc - m) / den).astype(dt).astype(f32)
-            return acc + jnp.sum(prob[:, None] * tile(vc_ref, vn, i, live, here), axis=0)
-
-        acc = jax.lax.fori_loop(0, steps, pv, jnp.zeros((d,), f32))
-        o_ref[bi, h, :] = acc.astype(dt)
-
     whole = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)
     out_shape = jax.ShapeDtypeStruct((b, heads, d), dt)
     out, kc, vc = pl.pallas_call(
-        kernel_head if per_head else kernel,
+        kernel,
         out_shape=(out_shape, jax.ShapeDtypeStruct(k_cache.shape, dt), jax.ShapeDtypeStruct(v_cache.shape, dt)),
-        grid=(b, heads if per_head else kv_heads),
+        grid=(b, kv_heads),
         in_specs=[whole(pos1), whole(qkv3), whole(k_cache), whole(v_cache)],
         out_specs=(whole(out_shape), whole(k_cache), whole(v_cache)),
         input_output_aliases={2: 1, 3: 2},

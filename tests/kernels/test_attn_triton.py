@@ -87,13 +87,12 @@ def _check(got, want, dtype):
     assert np.mean(near) >= 0.99, np.mean(near)
 
 
-@pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize(("b", "s", "h", "kvh", "d", "pos"), CASES)
-def test_kernel_matches_attend_in_interpret_mode(b, s, h, kvh, d, pos, dtype, per_head):
+def test_kernel_matches_attend_in_interpret_mode(b, s, h, kvh, d, pos, dtype):
     qkv, cos, sin, kc, vc = _inputs(s + pos, b, s, h, kvh, d, pos, dtype)
     want = _reference(qkv, cos, sin, kc, vc, pos, h, kvh)
-    got = _run(qkv, cos, sin, kc, vc, pos, h, kvh, per_head=per_head, interpret=True)
+    got = _run(qkv, cos, sin, kc, vc, pos, h, kvh, interpret=True)
     assert got[0].shape == (b, h * d) and got[0].dtype == dtype
     _check(got, want, dtype)
 
@@ -136,11 +135,10 @@ def test_unsupported_shapes_are_refused():
 
 
 @requires_gpu
-@pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize(("b", "s", "h", "kvh", "d", "pos"), [*CASES, (16, 2048, 32, 8, 128, 2000)])
-def test_kernel_matches_attend_on_gpu(b, s, h, kvh, d, pos, dtype, per_head):
+def test_kernel_matches_attend_on_gpu(b, s, h, kvh, d, pos, dtype):
     qkv, cos, sin, kc, vc = _inputs(s + pos, b, s, h, kvh, d, pos, dtype)
     want = _reference(qkv, cos, sin, kc, vc, pos, h, kvh)
-    got = _run(qkv, cos, sin, kc, vc, pos, h, kvh, per_head=per_head)
+    got = _run(qkv, cos, sin, kc, vc, pos, h, kvh)
     _check(got, want, dtype)
