@@ -26,8 +26,9 @@ reads its head's cache in blocks of up to 256 positions, only the blocks up to `
 past ``pos`` would contribute exact zeros), three times (maximum, sum, values: HF's softmax
 normalizes by the exact maximum and sum, which an online softmax would round differently); a
 decode cache of up to 256 positions is one block, so each pass is one load (the second and third
-from cache). The new k and v are used from registers at ``pos``. With few programs and three
-passes it is a short-cache kernel: the model uses it up to :data:`MAX_LEN` positions.
+from cache). The new k and v are used from registers at ``pos``. With batch x KV-heads programs
+and three passes it is a short-cache kernel: the model uses it where it was measured faster
+(:func:`use_kernel`).
 """
 
 from __future__ import annotations
@@ -43,12 +44,22 @@ from jax.experimental.pallas import triton as pl_triton
 #: Dtypes the kernel takes (activations and cache).
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
-#: Longest cache the model sends to the kernel. On the H100 (``results/attention-*.json``, GPU
-#: time with the rotary-embedding fusion, Llama-3-8B heads) it beat the jnp attention at 160 and
-#: 256 positions (batch 1: 10.5 / 11.1 vs 12.9 / 13.6 us; batch 16 at 256: 13.8 vs 39.5 us) and
-#: lost from 1024 (batch 1: 37 vs 16 us): its batch x KV-heads programs read the whole cache
-#: three times each, where XLA's kernels spread it over the GPU.
+#: Longest cache the model sends to the kernel with few programs (batch x KV heads < 128), and
+#: with many. On the H100 (``results/attention-*.json``, GPU time with the rotary-embedding fusion,
+#: Llama-3-8B heads: 8 KV heads) the kernel beat the jnp attention at batch 1 up to 256 positions
+#: (10.5 / 11.1 vs 12.9 / 13.6 us at 160 / 256) and lost from 512 (19.3 vs 14.1 us; 37 vs 16 at
+#: 1024): its 8 programs read the whole cache three times each, where XLA's kernels spread it over
+#: the GPU. At batch 16 (128 programs) it won at every length measured (13.8 vs 39.5 us at 256,
+#: 26.4 vs 70.8 at 512, 53.8 vs 141.7 at 1024).
 MAX_LEN = 256
+MAX_LEN_MANY = 1024
+MANY_PROGRAMS = 128
+
+
+def use_kernel(batch: int, kv_heads: int, max_len: int) -> bool:
+    """Whether the model runs a decode step's attention on this kernel: where it was measured
+    faster than the jnp attention (:data:`MAX_LEN`)."""
+    return max_len <= (MAX_LEN_MANY if batch * kv_heads >= MANY_PROGRAMS else MAX_LEN)
 
 
 def supported(heads: int, kv_heads: int, head_dim: int, dtype: jnp.dtype) -> bool:
@@ -88,8 +99,9 @@ def decode_attention(
         heads first, then k's, then v's; each head ``head_dim`` wide), q and k after the rotary
         embedding.
       k_cache, v_cache: ``[B, max_len, kv_heads, head_dim]``, donated: updated in place.
-      pos: int32 scalar, the token's position (``< max_len``); positions ``< pos`` hold the
-        earlier tokens' keys and values.
+      pos: int32 scalar, the token's position (``< max_len``; clamped into the cache as
+        ``dynamic_update_slice`` clamps); positions ``< pos`` hold the earlier tokens' keys and
+        values.
       block: cache positions per step of a program's loops (a power of two, at least 16;
         default :func:`_block`).
       num_warps: warps per program (8 was the fastest on the H100, ``kernels/bench_attention.py``).
@@ -115,7 +127,7 @@ def decode_attention(
 
     def kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, kc_out, vc_out):
         bi, kv = pl.program_id(0), pl.program_id(1)
-        p = pos_ref[0]
+        p = jnp.clip(pos_ref[0], 0, s_len - 1)  # as dynamic_update_slice clamps (and no write out of bounds)
         rows = jnp.arange(gp)
         q = pl_triton.load(
             qkv_ref.at[bi, pl.ds(kv * g, gp), :], mask=jnp.broadcast_to((rows < g)[:, None], (gp, d)), other=0

@@ -348,7 +348,7 @@ class Attention(nnx.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        short = kv[0].shape[1] <= attn_triton.MAX_LEN
+        short = attn_triton.use_kernel(b, kvh, kv[0].shape[1])
         if self.kernel and t == 1 and short and attn_triton.supported(h, kvh, d, x.dtype) and kv[0].dtype == x.dtype:
             # One decode token: the whole attention in one kernel (jaxfp4.kernels.attn_triton).
             if not (interpreting() or jax.default_backend() == "gpu"):
@@ -426,7 +426,7 @@ class Llama(nnx.Module):
     ``attention``: ``"pallas"`` runs each decode step's attention (one new token per row: rotary
     embedding, cache update, scores, softmax, values) as one kernel
     (:func:`jaxfp4.kernels.attn_triton.decode_attention`; bf16/fp16, power-of-two head_dim >= 16,
-    caches of up to ``attn_triton.MAX_LEN`` positions, not under ``tp``; equal to the ``"xla"``
+    caches as short as ``attn_triton.use_kernel`` says, not under ``tp``; equal to the ``"xla"``
     path up to float32 summation order), ``"xla"``
     keeps it in jnp (:func:`attend`); ``None``: ``"pallas"`` when the default backend is a GPU.
     Prompts (more than one token) always take :func:`attend`.

@@ -109,6 +109,16 @@ def test_kernel_block_size_does_not_change_the_result():
         _check(got, want, jnp.bfloat16)
 
 
+def test_position_past_the_cache_is_clamped_like_the_reference():
+    # dynamic_update_slice clamps the write to the last position (and the causal mask then shows
+    # every position); the kernel clamps the same way rather than write past the cache.
+    b, s, h, kvh, d = 1, 40, 4, 2, 32
+    qkv, cos, sin, kc, vc = _inputs(9, b, s, h, kvh, d, s - 1, jnp.bfloat16)
+    ro, rk, rv, smax = _reference(qkv, cos, sin, kc, vc, s + 3, h, kvh)
+    want = (ro, rk, rv, max(smax, 1.0))
+    _check(_run(qkv, cos, sin, kc, vc, s + 3, h, kvh, interpret=True), want, jnp.bfloat16)
+
+
 def test_kernel_lowers_for_cuda_on_cpu_install():
     b, s, h, kvh, d, pos = 1, 160, 32, 8, 128, 100
     args = _inputs(0, b, s, h, kvh, d, pos, jnp.bfloat16)

@@ -123,21 +123,25 @@ def test_decode_attention_kernel_matches_the_jnp_attention(name):
 
 
 def test_attention_kernel_only_for_single_tokens_and_short_caches():
-    # The kernel runs a decode step (one token) over a cache of up to attn_triton.MAX_LEN
-    # positions; prompts and longer caches take the jnp attention (where it is faster on the H100).
+    # The kernel runs a decode step (one token) over caches as short as attn_triton.use_kernel
+    # says; prompts and longer caches take the jnp attention (where it is faster on the H100).
     from jaxfp4.kernels import attn_triton
 
     model = Llama(jaxfp4.load_checkpoint(os.path.join(FIXTURES, "ct-nvfp4a16")), dtype=jnp.bfloat16, attention="pallas")
 
-    def uses_kernel(tokens: int, max_len: int) -> bool:
-        cache = model.init_cache(1, max_len)
+    def uses_kernel(tokens: int, max_len: int, batch: int = 1) -> bool:
+        cache = model.init_cache(batch, max_len)
         with jaxfp4.ops.pallas_interpret():
-            jaxpr = jax.make_jaxpr(lambda c: model(jnp.ones((1, tokens), jnp.int32), jnp.int32(0), c))(cache)
+            jaxpr = jax.make_jaxpr(lambda c: model(jnp.ones((batch, tokens), jnp.int32), jnp.int32(0), c))(cache)
         return "name=decode_attention" in str(jaxpr)  # the kernel's jitted wrapper
 
     assert uses_kernel(1, attn_triton.MAX_LEN)
     assert not uses_kernel(1, attn_triton.MAX_LEN + 1)
     assert not uses_kernel(4, 64)
+    many = attn_triton.MANY_PROGRAMS // model.cfg.num_key_value_heads  # rows for that many programs
+    assert uses_kernel(1, attn_triton.MAX_LEN_MANY, batch=many)
+    assert not uses_kernel(1, attn_triton.MAX_LEN_MANY, batch=many - 1)
+    assert not uses_kernel(1, attn_triton.MAX_LEN_MANY + 1, batch=many)
 
 
 def test_attention_kernel_needs_a_gpu_or_interpret_mode():
