@@ -357,7 +357,7 @@ class Attention(nnx.Module):
             c, s = cos[0, 0], sin[0, 0]
             q, k = rope(q.reshape(b, h, d), c, s), rope(k.reshape(b, kvh, d), c, s)
             # One operand; XLA fuses the split, the rotary embedding and this concatenation into
-            # the fusion that produces q/k/v.
+            # one fusion (for an FP4 layer, the one that sums its kernel's partials).
             qkv = jnp.concatenate([q.reshape(b, -1), k.reshape(b, -1), v], axis=-1)
             o, k_cache, v_cache = attn_triton.decode_attention(
                 qkv, kv[0], kv[1], pos, heads=h, kv_heads=kvh, interpret=interpreting()
