@@ -29,6 +29,7 @@ Writes ``llama-<device>.json`` (``{"device", "config", "records": [{"model": "bf
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -58,6 +59,15 @@ def llama3_8b(layers: int, vocab: int) -> dict:
         rope_theta=500000.0,
         max_position_embeddings=8192,
     )
+
+
+def model_arguments(ap: argparse.ArgumentParser, steps: int) -> None:
+    """The lab's shared model options: ``--layers``, ``--vocab`` (of :func:`llama3_8b`),
+    ``--context`` (where decoding starts) and ``--steps`` (decode steps per timed call)."""
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--context", type=int, default=128, help="decode starts at this position (cache pre-filled length)")
+    ap.add_argument("--steps", type=int, default=steps, help="decode steps per timed call")
 
 
 def shapes(cfg: dict) -> dict[str, tuple[int, int]]:
@@ -119,12 +129,13 @@ def timed(fn, *args, reps: int) -> float:
     return statistics.median(ts)
 
 
-def greedy_decode(graphdef, steps: int, unroll: int = 1):
+def greedy_decode(graphdef, steps: int, unroll: int = 1, donate: bool = False):
     """A jitted ``(state, cache, tok [B], pos) -> last tok``: ``steps`` greedy decode steps in one
     ``lax.scan`` (per-token GPU work, no Python dispatch per token), ``unroll`` steps per loop
-    iteration."""
+    iteration; ``donate``: the cache is donated (updated in place, not copied first) and returned,
+    ``-> (last tok, cache)``, so that the donated buffers become the output's."""
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(1,) if donate else ())
     def decode(state, cache, tok, pos):
         m = nnx.merge(graphdef, state)
 
@@ -133,7 +144,8 @@ def greedy_decode(graphdef, steps: int, unroll: int = 1):
             logits, cache = m(tok[:, None], pos, cache)
             return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache, pos + 1), None
 
-        return jax.lax.scan(step, (tok, cache, pos), None, length=steps, unroll=unroll)[0][0]
+        tok, cache, _ = jax.lax.scan(step, (tok, cache, pos), None, length=steps, unroll=unroll)[0]
+        return (tok, cache) if donate else tok
 
     return decode
 
@@ -189,11 +201,8 @@ def bench_model(model: Llama, name: str, args) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--vocab", type=int, default=128256)
+    model_arguments(ap, steps=64)
     ap.add_argument("--prefill", type=int, default=2048)
-    ap.add_argument("--context", type=int, default=128, help="decode starts at this position (cache pre-filled length)")
-    ap.add_argument("--steps", type=int, default=64, help="decode steps per timed call")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--backend", default=None)
     ap.add_argument("--no-fuse", action="store_true", help="run q/k/v and gate/up as separate layers")

@@ -22,22 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxfp4.models.llama import Llama
-from kernels.bench_llama import llama3_8b, random_checkpoint
-
-
-def scan_fn(graphdef, steps: int, donate: bool):
-    def decode(state, cache, tok, pos):
-        m = nnx.merge(graphdef, state)
-
-        def step(carry, _):
-            tok, cache, pos = carry
-            logits, cache = m(tok[:, None], pos, cache)
-            return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache, pos + 1), None
-
-        (tok, cache, _), _ = jax.lax.scan(step, (tok, cache, pos), None, length=steps)
-        return tok, cache
-
-    return jax.jit(decode, donate_argnums=(1,) if donate else ())
+from kernels.bench_llama import greedy_decode, llama3_8b, model_arguments, random_checkpoint
 
 
 def wall(fn, model, args, reps: int, donate: bool) -> float:
@@ -77,10 +62,7 @@ def host_events(fn, model, args) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--vocab", type=int, default=128256)
-    ap.add_argument("--context", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=64)
+    model_arguments(ap, steps=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--models", default="nvfp4_w4a16,bf16")
     ap.add_argument("--out", default="kernels/results")
@@ -93,11 +75,11 @@ def main() -> None:
         graphdef = nnx.graphdef(model)
         r = {}
         for donate in (False, True):
-            t1 = wall(scan_fn(graphdef, args.steps, donate), model, args, args.reps, donate)
-            t2 = wall(scan_fn(graphdef, 2 * args.steps, donate), model, args, args.reps, donate)
+            t1 = wall(greedy_decode(graphdef, args.steps, donate=donate), model, args, args.reps, donate)
+            t2 = wall(greedy_decode(graphdef, 2 * args.steps, donate=donate), model, args, args.reps, donate)
             r["donated" if donate else "passed"] = dict(t_steps=t1, t_2steps=t2, fixed_ms=(2 * t1 - t2) * 1e3)
             print(name, "donated" if donate else "passed", r["donated" if donate else "passed"], flush=True)
-        r["host_events"] = host_events(scan_fn(graphdef, args.steps, False), model, args)
+        r["host_events"] = host_events(greedy_decode(graphdef, args.steps), model, args)
         for e in r["host_events"][:15]:
             print(f"   {e['us']:10.0f} us {e['count']:6d}x {e['name']}", flush=True)
         result["models"][name] = r

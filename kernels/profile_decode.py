@@ -26,7 +26,7 @@ from flax import nnx
 from jax.experimental.mosaic.gpu import profiler
 
 from jaxfp4.models.llama import Llama, TPConfig
-from kernels.bench_llama import greedy_decode, llama3_8b, random_checkpoint
+from kernels.bench_llama import greedy_decode, llama3_8b, model_arguments, random_checkpoint
 
 
 def kind(name: str) -> str:
@@ -133,11 +133,8 @@ def profile(model: Llama, batch: int, context: int, steps: int, trace: bool = Fa
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--vocab", type=int, default=128256)
+    model_arguments(ap, steps=32)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--context", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--no-fuse", action="store_true")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--out", default="kernels/results")
