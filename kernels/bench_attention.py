@@ -17,6 +17,7 @@ also have ``per_head``: a variant with one program per query head, removed after
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -26,26 +27,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxfp4.kernels import attn_triton as A
-from jaxfp4.models.llama import attend, rope
+from jaxfp4.models.llama import attend, attend_decode
 
 H, KVH, D = 32, 8, 128  # Llama-3-8B
 
 
 def paths(b: int):
-    def xla(qkv, cos, sin, kc, vc, pos):
+    """The model's two attention paths (``attend``, ``attend_decode``) on a row-major ``qkv``."""
+
+    def run(attention, qkv, cos, sin, kc, vc, pos, **kw):
         q, k, v = jnp.split(qkv, [H * D, (H + KVH) * D], axis=-1)
         q, k, v = q.reshape(b, 1, H, D), k.reshape(b, 1, KVH, D), v.reshape(b, 1, KVH, D)
-        o, (kc, vc) = attend(q, k, v, cos[None, None], sin[None, None], (kc, vc), pos)
+        o, (kc, vc) = attention(q, k, v, cos[None, None], sin[None, None], (kc, vc), pos, **kw)
         return o[:, 0], kc, vc
 
-    def kernel(qkv, cos, sin, kc, vc, pos, **kw):
-        q, k, v = jnp.split(qkv, [H * D, (H + KVH) * D], axis=-1)
-        q, k = rope(q.reshape(b, H, D), cos, sin), rope(k.reshape(b, KVH, D), cos, sin)
-        qkv = jnp.concatenate([q.reshape(b, -1), k.reshape(b, -1), v], axis=-1)
-        return A.decode_attention(qkv, kc, vc, pos, heads=H, kv_heads=KVH, **kw)
-
-    return xla, kernel
+    return functools.partial(run, attend), functools.partial(run, attend_decode)
 
 
 def gpu_us(fn, make, reps: int) -> tuple[float, list[str]]:

@@ -128,10 +128,8 @@ def decode_attention(
     def kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, kc_out, vc_out):
         bi, kv = pl.program_id(0), pl.program_id(1)
         p = jnp.clip(pos_ref[0], 0, s_len - 1)  # as dynamic_update_slice clamps (and no write out of bounds)
-        rows = jnp.arange(gp)
-        q = pl_triton.load(
-            qkv_ref.at[bi, pl.ds(kv * g, gp), :], mask=jnp.broadcast_to((rows < g)[:, None], (gp, d)), other=0
-        )
+        group = jnp.broadcast_to((jnp.arange(gp) < g)[:, None], (gp, d))  # the group's real query rows
+        q = pl_triton.load(qkv_ref.at[bi, pl.ds(kv * g, gp), :], mask=group, other=0)
         kn = qkv_ref[bi, heads + kv, :]
         vn = qkv_ref[bi, heads + kv_heads + kv, :]
         pl_triton.store(kc_out.at[bi, p, kv, :], kn)
@@ -170,9 +168,7 @@ def decode_attention(
             return acc + pl_triton.dot(prob, tile(vc_ref, vn, i, live, here))
 
         acc = jax.lax.fori_loop(0, steps, pv, jnp.zeros((gp, d), f32))
-        pl_triton.store(
-            o_ref.at[bi, pl.ds(kv * g, gp), :], acc.astype(dt), mask=jnp.broadcast_to((rows < g)[:, None], (gp, d))
-        )
+        pl_triton.store(o_ref.at[bi, pl.ds(kv * g, gp), :], acc.astype(dt), mask=group)
 
     whole = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)
     out_shape = jax.ShapeDtypeStruct((b, heads, d), dt)

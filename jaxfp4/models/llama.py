@@ -40,7 +40,7 @@ from jaxfp4.checkpoint import Checkpoint
 from jaxfp4.kernels import attn_triton
 from jaxfp4.nn import Fp4Linear
 from jaxfp4.ops import concat_biases, concat_params, fusion_blocker, prepare_weights
-from jaxfp4.ops.pallas import interpreting
+from jaxfp4.ops.pallas import interpreting, kernels_run_here
 from jaxfp4.sharding import (
     LLAMA_PLAN,
     Parallel,
@@ -298,6 +298,22 @@ def attend(
     return o.reshape(b, t, h * d), (k_cache, v_cache)
 
 
+def attend_decode(
+    q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, sin: jax.Array, kv: tuple[jax.Array, jax.Array], pos, **kw
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """:func:`attend` for one new token per row (``T = 1``, same arguments and results) on
+    :func:`jaxfp4.kernels.attn_triton.decode_attention` (``kw``: its options); the caches are
+    donated. The rotary embedding and the kernel's one q/k/v operand are made here, in XLA, which
+    fuses them into one fusion (for an FP4 layer, the one that sums its kernel's partials)."""
+    b, h = q.shape[0], q.shape[2]
+    kvh = k.shape[2]
+    c, s = cos[0, 0], sin[0, 0]
+    q, k = rope(q[:, 0], c, s), rope(k[:, 0], c, s)
+    qkv = jnp.concatenate([q.reshape(b, -1), k.reshape(b, -1), v.reshape(b, -1)], axis=-1)
+    o, k_cache, v_cache = attn_triton.decode_attention(qkv, kv[0], kv[1], pos, heads=h, kv_heads=kvh, **kw)
+    return o[:, None], (k_cache, v_cache)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
@@ -349,23 +365,15 @@ class Attention(nnx.Module):
         b, t, _ = x.shape
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         short = attn_triton.use_kernel(b, kvh, kv[0].shape[1])
-        if self.kernel and t == 1 and short and attn_triton.supported(h, kvh, d, x.dtype) and kv[0].dtype == x.dtype:
-            # One decode token: the whole attention in one kernel (jaxfp4.kernels.attn_triton).
-            if not (interpreting() or jax.default_backend() == "gpu"):
-                raise ValueError("attention='pallas' needs an NVIDIA GPU (or jaxfp4.ops.pallas_interpret())")
-            q, k, v = (y[:, 0] for y in self.qkv(x))
-            c, s = cos[0, 0], sin[0, 0]
-            q, k = rope(q.reshape(b, h, d), c, s), rope(k.reshape(b, kvh, d), c, s)
-            # One operand; XLA fuses the split, the rotary embedding and this concatenation into
-            # one fusion (for an FP4 layer, the one that sums its kernel's partials).
-            qkv = jnp.concatenate([q.reshape(b, -1), k.reshape(b, -1), v], axis=-1)
-            o, k_cache, v_cache = attn_triton.decode_attention(
-                qkv, kv[0], kv[1], pos, heads=h, kv_heads=kvh, interpret=interpreting()
-            )
-            return self.o_proj(o[:, None]), (k_cache, v_cache)
+        kernel = self.kernel and t == 1 and short and attn_triton.supported(h, kvh, d, x.dtype) and kv[0].dtype == x.dtype
+        if kernel and not kernels_run_here():
+            raise ValueError("attention='pallas' needs an NVIDIA GPU (or jaxfp4.ops.pallas_interpret())")
         q, k, v = self.qkv(x)
         q, k, v = q.reshape(b, t, h, d), k.reshape(b, t, kvh, d), v.reshape(b, t, kvh, d)
-        o, kv = attend(q, k, v, cos, sin, kv, pos)
+        if kernel:  # one decode token: the whole attention in one kernel
+            o, kv = attend_decode(q, k, v, cos, sin, kv, pos, interpret=interpreting())
+        else:
+            o, kv = attend(q, k, v, cos, sin, kv, pos)
         return self.o_proj(o), kv
 
 

@@ -81,6 +81,11 @@ def interpreting() -> bool:
     return _interpret
 
 
+def kernels_run_here() -> bool:
+    """Whether Pallas kernels can run: on a GPU, or anywhere under :func:`pallas_interpret`."""
+    return _interpret or _on_gpu()
+
+
 def _on_gpu() -> bool:
     try:
         return jax.default_backend() == "gpu"
@@ -89,7 +94,7 @@ def _on_gpu() -> bool:
 
 
 def unsupported_reason(x: jax.Array, params: Fp4LinearParams) -> str | None:
-    if not (_interpret or _on_gpu()):
+    if not kernels_run_here():
         return "needs an NVIDIA GPU (or pallas_interpret())"
     if x.dtype != jnp.bfloat16:
         return f"kernels take bfloat16 activations, got {x.dtype}"

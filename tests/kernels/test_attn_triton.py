@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from jaxfp4.kernels import attn_triton as A
-from jaxfp4.models.llama import attend, rope
+from jaxfp4.models.llama import attend, attend_decode
 from tests.conftest import requires_gpu
 
 # (batch, max_len, heads, kv_heads, head_dim, pos): groups of 1, 2 and 4 query heads, lengths that
@@ -47,23 +47,23 @@ def _inputs(seed: int, b: int, s: int, h: int, kvh: int, d: int, pos: int, dtype
     return cast(qkv), cast(np.cos(ang)), cast(np.sin(ang)), cast(kc), cast(vc)
 
 
-def _roped(qkv, cos, sin, h, kvh):
-    """The kernel's operand: q and k of ``qkv`` rotary-embedded, as the model does."""
+def _split(qkv, cos, sin, h, kvh):
+    """``attend``'s q, k, v ``[B, 1, heads, head_dim]`` and cos, sin ``[1, 1, head_dim]``."""
     b, d = qkv.shape[0], cos.shape[-1]
     q, k, v = jnp.split(qkv, [h * d, (h + kvh) * d], axis=-1)
-    q, k = rope(q.reshape(b, h, d), cos, sin), rope(k.reshape(b, kvh, d), cos, sin)
-    return jnp.concatenate([q.reshape(b, -1), k.reshape(b, -1), v], axis=-1)
+    return q.reshape(b, 1, h, d), k.reshape(b, 1, kvh, d), v.reshape(b, 1, kvh, d), cos[None, None], sin[None, None]
 
 
 def _run(qkv, cos, sin, kc, vc, pos, h, kvh, **kw):
-    return A.decode_attention(_roped(qkv, cos, sin, h, kvh), kc, vc, jnp.int32(pos), heads=h, kv_heads=kvh, **kw)
+    """The model's kernel path (``attend_decode``: its operand, then the kernel)."""
+    o, (k2, v2) = attend_decode(*_split(qkv, cos, sin, h, kvh), (kc, vc), jnp.int32(pos), **kw)
+    return o[:, 0], k2, v2
 
 
 def _reference(qkv, cos, sin, kc, vc, pos, h, kvh):
     b, d = qkv.shape[0], kc.shape[-1]
-    q, k, v = jnp.split(qkv, [h * d, (h + kvh) * d], axis=-1)
-    q, k, v = q.reshape(b, 1, h, d), k.reshape(b, 1, kvh, d), v.reshape(b, 1, kvh, d)
-    o, (k2, v2) = attend(q, k, v, cos[None, None], sin[None, None], (kc, vc), jnp.int32(pos))
+    q, k, v, c, s = _split(qkv, cos, sin, h, kvh)
+    o, (k2, v2) = attend(q, k, v, c, s, (kc, vc), jnp.int32(pos))
     # The largest scaled score, for the tolerance.
     qg = q.reshape(b, kvh, h // kvh, d).astype(jnp.float32)
     s = jnp.einsum("bkgd,bskd->bkgs", qg, k2.astype(jnp.float32)) * d**-0.5
@@ -123,8 +123,8 @@ def test_kernel_lowers_for_cuda_on_cpu_install():
     b, s, h, kvh, d, pos = 1, 160, 32, 8, 128, 100
     args = _inputs(0, b, s, h, kvh, d, pos, jnp.bfloat16)
     f = jax.jit(A.decode_attention, static_argnames=("heads", "kv_heads", "block", "interpret"))
-    qkv, cos, sin, kc, vc = args
-    lowered = f.trace(_roped(qkv, cos, sin, h, kvh), kc, vc, jnp.int32(pos), heads=h, kv_heads=kvh)
+    qkv, _, _, kc, vc = args
+    lowered = f.trace(qkv, kc, vc, jnp.int32(pos), heads=h, kv_heads=kvh)
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text
 
