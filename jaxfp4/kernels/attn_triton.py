@@ -25,8 +25,8 @@ One program per (row, KV head), its query heads as the rows of the products (pad
 reads its head's cache in blocks of up to 256 positions, only the blocks up to ``pos`` (positions
 past ``pos`` would contribute exact zeros), three times (maximum, sum, values: HF's softmax
 normalizes by the exact maximum and sum, which an online softmax would round differently); a
-decode cache of up to 256 positions is one block, so each pass is one load (the second and third
-from cache). The new k and v are used from registers at ``pos``. With batch x KV-heads programs
+decode cache of up to 256 positions is one block, read once, and the three steps run on it in
+registers. The new k and v are used from registers at ``pos``. With batch x KV-heads programs
 and three passes it is a short-cache kernel: the model uses it where it was measured faster
 (:func:`use_kernel`).
 """
@@ -149,6 +149,15 @@ def decode_attention(
             sc = pl_triton.dot(q, tile(kc_ref, kn, i, live, here), trans_b=True)
             sc = (sc.astype(dt).astype(f32) * scale).astype(dt).astype(f32)
             return jnp.where(live[None, :], sc, -jnp.inf), live, here
+
+        if s_len <= block:  # the whole cache is one block: one load of each, one pass
+            sc, live, here = scores(0)
+            m = jnp.max(sc, axis=1)
+            e = jnp.exp(sc - m[:, None])
+            prob = (e / jnp.sum(e, axis=1)[:, None]).astype(dt)
+            acc = pl_triton.dot(prob, tile(vc_ref, vn, 0, live, here))
+            pl_triton.store(o_ref.at[bi, pl.ds(kv * g, gp), :], acc.astype(dt), mask=group)
+            return
 
         steps = p // block + 1  # blocks holding positions 0..pos
 
