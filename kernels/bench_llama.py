@@ -63,11 +63,14 @@ def llama3_8b(layers: int, vocab: int) -> dict:
 
 def model_arguments(ap: argparse.ArgumentParser, steps: int) -> None:
     """The lab's shared model options: ``--layers``, ``--vocab`` (of :func:`llama3_8b`),
-    ``--context`` (where decoding starts) and ``--steps`` (decode steps per timed call)."""
+    ``--context`` (where decoding starts), ``--steps`` (decode steps per timed call) and the
+    model's ``--attention`` and ``--norm`` paths (``Llama``'s arguments)."""
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--context", type=int, default=128, help="decode starts at this position (cache pre-filled length)")
     ap.add_argument("--steps", type=int, default=steps, help="decode steps per timed call")
+    ap.add_argument("--attention", default=None, help="the model's attention: xla or pallas (default: pallas on a GPU)")
+    ap.add_argument("--norm", default=None, help="the model's add + RMSNorm: xla or pallas (default: pallas on a GPU)")
 
 
 def shapes(cfg: dict) -> dict[str, tuple[int, int]]:
@@ -206,7 +209,6 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--backend", default=None)
     ap.add_argument("--no-fuse", action="store_true", help="run q/k/v and gate/up as separate layers")
-    ap.add_argument("--attention", default=None, help="the model's attention: xla or pallas (default: pallas on a GPU)")
     ap.add_argument("--phases", default="prefill,b1,b16", help="prefill and/or decode batch sizes bN")
     ap.add_argument("--tp", type=int, default=1, help="tensor parallel over this many devices")
     ap.add_argument("--out", default="kernels/results")
@@ -220,7 +222,15 @@ def main() -> None:
     records = []
     for fp4 in (False, True):
         ckpt = random_checkpoint(cfg, fp4)
-        model = Llama(ckpt, dtype=jnp.bfloat16, backend=args.backend, fuse=not args.no_fuse, tp=tp, attention=args.attention)
+        model = Llama(
+            ckpt,
+            dtype=jnp.bfloat16,
+            backend=args.backend,
+            fuse=not args.no_fuse,
+            tp=tp,
+            attention=args.attention,
+            norm=args.norm,
+        )
         del ckpt
         records += bench_model(model, "nvfp4_w4a16" if fp4 else "bf16", args)
         del model

@@ -71,7 +71,7 @@ def main() -> None:
     device = jax.devices()[0].device_kind
     result = {"device": device, "jax": jax.__version__, "args": vars(args), "models": {}}
     for name in args.models.split(","):
-        model = Llama(random_checkpoint(cfg, name != "bf16"), dtype=jnp.bfloat16)
+        model = Llama(random_checkpoint(cfg, name != "bf16"), dtype=jnp.bfloat16, attention=args.attention, norm=args.norm)
         graphdef = nnx.graphdef(model)
         r = {}
         for donate in (False, True):

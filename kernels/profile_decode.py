@@ -140,7 +140,6 @@ def main() -> None:
     ap.add_argument("--out", default="kernels/results")
     ap.add_argument("--timeline", action="store_true", help="also trace the scan and report kernel gaps")
     ap.add_argument("--models", default="bf16,nvfp4_w4a16")
-    ap.add_argument("--attention", default=None, help="the model's attention: xla or pallas (default: pallas on a GPU)")
     ap.add_argument("--unroll", type=int, default=1, help="decode steps per scan iteration")
     ap.add_argument("--tag", default="", help="suffix for the output file name (e.g. a flag variant)")
     args = ap.parse_args()
@@ -155,7 +154,12 @@ def main() -> None:
     for name in args.models.split(","):
         fp4 = {"bf16": False, "nvfp4_w4a16": True}[name]
         model = Llama(
-            random_checkpoint(cfg, fp4), dtype=jnp.bfloat16, fuse=not args.no_fuse, tp=tp, attention=args.attention
+            random_checkpoint(cfg, fp4),
+            dtype=jnp.bfloat16,
+            fuse=not args.no_fuse,
+            tp=tp,
+            attention=args.attention,
+            norm=args.norm,
         )
         r = profile(model, args.batch, args.context, args.steps, trace=args.timeline, unroll=args.unroll)
         del model

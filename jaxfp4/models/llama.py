@@ -37,7 +37,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxfp4.checkpoint import Checkpoint
-from jaxfp4.kernels import attn_triton
+from jaxfp4.kernels import attn_triton, norm_triton
 from jaxfp4.nn import Fp4Linear
 from jaxfp4.ops import concat_biases, concat_params, fusion_blocker, prepare_weights
 from jaxfp4.ops.pallas import interpreting, kernels_run_here
@@ -239,17 +239,37 @@ class TPConfig:
         return NamedSharding(self.mesh, P(None, None, self.axis, None) if kv_heads % size == 0 else P())
 
 
-class RMSNorm(nnx.Module):
-    """HF ``LlamaRMSNorm``: normalize in float32, cast back, then scale by the weight."""
+def add_rms_norm(x: jax.Array, delta: jax.Array | None, weight: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    """The residual add and HF ``LlamaRMSNorm`` after it: ``h = x + delta`` (in the activation
+    dtype; ``h = x`` when ``delta`` is None) and ``y = weight * normalize(h)``: normalized in
+    float32, cast back, then times the weight in the activation dtype. Returns ``(h, y)``.
+    :func:`jaxfp4.kernels.norm_triton.add_rms_norm` is its one-kernel twin."""
+    h = x if delta is None else x + delta
+    f = h.astype(jnp.float32)
+    f = f * jax.lax.rsqrt(jnp.mean(f * f, axis=-1, keepdims=True) + eps)
+    return h, weight.astype(h.dtype) * f.astype(h.dtype)
 
-    def __init__(self, weight: jax.Array, eps: float):
+
+class RMSNorm(nnx.Module):
+    """HF ``LlamaRMSNorm`` (:func:`add_rms_norm`); ``kernel``: run it (with the residual add
+    before it, :meth:`add`) as one Pallas kernel, :mod:`jaxfp4.kernels.norm_triton`."""
+
+    def __init__(self, weight: jax.Array, eps: float, kernel: bool = False):
         self.weight = nnx.Param(weight)
         self.eps = eps
+        self.kernel = kernel
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = x.astype(jnp.float32)
-        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
-        return self.weight.get_value().astype(x.dtype) * h.astype(x.dtype)
+        return self.add(x, None)[1]
+
+    def add(self, x: jax.Array, delta: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """``(x + delta, RMSNorm(x + delta))`` (``delta`` None: ``(x, RMSNorm(x))``)."""
+        w = self.weight.get_value()
+        if self.kernel and norm_triton.supported(x.shape[-1], x.dtype):
+            if not kernels_run_here():
+                raise ValueError("norm='pallas' needs an NVIDIA GPU (or jaxfp4.ops.pallas_interpret())")
+            return norm_triton.add_rms_norm(x, delta, w, eps=self.eps, interpret=interpreting())
+        return add_rms_norm(x, delta, w, self.eps)
 
 
 def _rotate_half(x: jax.Array) -> jax.Array:
@@ -406,18 +426,24 @@ class Block(nnx.Module):
         fuse: bool,
         prepare: bool,
         attn_kernel: bool = False,
+        norm_kernel: bool = False,
     ):
         kw = dict(fuse=fuse, prepare=prepare)
         p = f"model.layers.{i}"
-        self.input_layernorm = RMSNorm(ckpt.dense[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(ckpt.dense[f"{p}.post_attention_layernorm.weight"], cfg.rms_norm_eps)
+        eps = cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(ckpt.dense[f"{p}.input_layernorm.weight"], eps, norm_kernel)
+        self.post_attention_layernorm = RMSNorm(ckpt.dense[f"{p}.post_attention_layernorm.weight"], eps, norm_kernel)
         self.self_attn = Attention(ckpt, f"{p}.self_attn", cfg, backend, tp, **kw, kernel=attn_kernel)
         self.mlp = MLP(ckpt, f"{p}.mlp", backend, tp, **kw)
 
-    def __call__(self, x, cos, sin, kv: tuple[jax.Array, jax.Array], pos):
-        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, kv, pos)
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+    def __call__(self, x, delta, cos, sin, kv: tuple[jax.Array, jax.Array], pos):
+        """``x``: the residual stream before the previous layer's MLP output ``delta`` is added
+        (None: nothing to add), so that the add runs with this layer's first norm. Returns
+        ``(residual before this layer's MLP output, that output, (k, v) updated)``."""
+        x, y = self.input_layernorm.add(x, delta)
+        a, kv = self.self_attn(y, cos, sin, kv, pos)
+        x, y = self.post_attention_layernorm.add(x, a)
+        return x, self.mlp(y), kv
 
 
 class Llama(nnx.Module):
@@ -438,6 +464,11 @@ class Llama(nnx.Module):
     path up to float32 summation order), ``"xla"``
     keeps it in jnp (:func:`attend`); ``None``: ``"pallas"`` when the default backend is a GPU.
     Prompts (more than one token) always take :func:`attend`.
+    ``norm``: ``"pallas"`` runs each residual add with the RMSNorm after it as one kernel
+    (:func:`jaxfp4.kernels.norm_triton.add_rms_norm`; bf16/fp16, not under ``tp``; the residual
+    stream bit-equal to the ``"xla"`` path, the normalized values up to the float32 sum's order),
+    ``"xla"`` keeps it in jnp (:func:`add_rms_norm`); ``None``: ``"pallas"`` when the default
+    backend is a GPU and there is no ``tp``.
     """
 
     def __init__(
@@ -450,18 +481,22 @@ class Llama(nnx.Module):
         fuse: bool = True,
         prepare: bool | None = None,
         attention: str | None = None,
+        norm: str | None = None,
     ):
-        if attention not in (None, "xla", "pallas"):
-            raise ValueError(f"attention must be None, 'xla' or 'pallas', got {attention!r}")
+        for name, v in (("attention", attention), ("norm", norm)):
+            if v not in (None, "xla", "pallas"):
+                raise ValueError(f"{name} must be None, 'xla' or 'pallas', got {v!r}")
         cfg = LlamaConfig.from_hf(ckpt.config)
         self.cfg, self.dtype = cfg, jnp.dtype(dtype)
         if prepare is None:
             prepare = jax.default_backend() == "gpu" and backend != "xla"
-        attn_kernel = attention == "pallas" or (attention is None and jax.default_backend() == "gpu")
-        kw = dict(fuse=fuse, prepare=prepare, attn_kernel=attn_kernel)
+        gpu = jax.default_backend() == "gpu"
+        attn_kernel = attention == "pallas" or (attention is None and gpu)
+        norm_kernel = tp is None and (norm == "pallas" or (norm is None and gpu))
+        kw = dict(fuse=fuse, prepare=prepare, attn_kernel=attn_kernel, norm_kernel=norm_kernel)
         self.embed_tokens = nnx.Param(ckpt.dense["model.embed_tokens.weight"])
         self.layers = nnx.List([Block(ckpt, i, cfg, backend, tp, **kw) for i in range(cfg.num_hidden_layers)])
-        self.norm = RMSNorm(ckpt.dense["model.norm.weight"], cfg.rms_norm_eps)
+        self.norm = RMSNorm(ckpt.dense["model.norm.weight"], cfg.rms_norm_eps, norm_kernel)
         if cfg.tie_word_embeddings and "lm_head.weight" not in ckpt.dense and "lm_head" not in ckpt.quantized:
             self.lm_head = DenseLinear(ckpt.dense["model.embed_tokens.weight"], tp=tp.for_module("lm_head") if tp else None)
         else:
@@ -481,12 +516,12 @@ class Llama(nnx.Module):
         freqs = positions[:, None] * self.inv_freq.get_value()[None, :]
         emb = jnp.concatenate([freqs, freqs], axis=-1)[None]
         cos, sin = jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
-        ks, vs = [], []
+        ks, vs, delta = [], [], None
         for i, layer in enumerate(self.layers):
-            x, (k, v) = layer(x, cos, sin, (cache.k[i], cache.v[i]), pos)
+            x, delta, (k, v) = layer(x, delta, cos, sin, (cache.k[i], cache.v[i]), pos)
             ks.append(k)
             vs.append(v)
-        logits = self.lm_head(self.norm(x)).astype(jnp.float32)
+        logits = self.lm_head(self.norm.add(x, delta)[1]).astype(jnp.float32)
         return logits, KVCache(tuple(ks), tuple(vs))
 
 

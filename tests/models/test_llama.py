@@ -144,14 +144,41 @@ def test_attention_kernel_only_for_single_tokens_and_short_caches():
     assert not uses_kernel(1, attn_triton.MAX_LEN_MANY + 1, batch=many)
 
 
-def test_attention_kernel_needs_a_gpu_or_interpret_mode():
+@pytest.mark.parametrize("name", ["ct-nvfp4a16", "ct-mxfp4a16"])
+def test_add_norm_kernel_matches_the_jnp_norm(name):
+    # norm="pallas" (jaxfp4.kernels.norm_triton, here in interpret mode) runs every residual add
+    # and the RMSNorm after it as one kernel, prompts included: the same greedy tokens as the jnp
+    # norm, and the prompt's logits within 2 bf16 ulps at the top of the logit range (the
+    # normalized values differ by an ulp where the float32 sum's order moves them across a
+    # rounding boundary; tests/kernels/test_norm_triton.py bounds that per norm).
+    ck = jaxfp4.load_checkpoint(os.path.join(FIXTURES, name))
+    ref, ker = Llama(ck, dtype=jnp.bfloat16, norm="xla"), Llama(ck, dtype=jnp.bfloat16, norm="pallas")
+    assert ker.layers[0].input_layernorm.kernel and ker.norm.kernel and not ref.norm.kernel
+    prompt = jnp.asarray(_prompt(7).numpy())
+    want, _ = generate(ref, prompt, max_new_tokens=8)
+    with jaxfp4.ops.pallas_interpret():
+        got, _ = generate(ker, prompt, max_new_tokens=8)
+        logits, _ = ker(prompt, jnp.int32(0), ker.init_cache(2, PROMPT_LEN))
+        jaxpr = str(jax.make_jaxpr(lambda c: ker(prompt[:, :1], jnp.int32(0), c))(ker.init_cache(2, 4)))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    logits_ref, _ = ref(prompt, jnp.int32(0), ref.init_cache(2, PROMPT_LEN))
+    tol = 2 * 2.0**-7 * float(jnp.abs(logits_ref).max())
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(logits_ref), rtol=0, atol=tol)
+    # One kernel per norm: two per layer and the final one.
+    assert jaxpr.count("name=add_rms_norm") == 2 * len(ker.layers) + 1
+
+
+def test_model_kernels_need_a_gpu_or_interpret_mode():
     ck = jaxfp4.load_checkpoint(os.path.join(FIXTURES, "ct-nvfp4a16"))
     with pytest.raises(ValueError, match="attention must be"):
         Llama(ck, attention="flash")
+    with pytest.raises(ValueError, match="norm must be"):
+        Llama(ck, norm="fused")
     if jax.default_backend() != "gpu":
-        model = Llama(ck, dtype=jnp.bfloat16, attention="pallas")
-        with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
-            generate(model, jnp.ones((1, 4), jnp.int32), max_new_tokens=2)
+        for kw in (dict(attention="pallas"), dict(norm="pallas")):
+            model = Llama(ck, dtype=jnp.bfloat16, **kw)
+            with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
+                generate(model, jnp.ones((1, 4), jnp.int32), max_new_tokens=2)
 
 
 def test_sampling_is_keyed_and_respects_top_k():
