@@ -14,7 +14,6 @@ import argparse
 import collections
 import json
 import os
-import tempfile
 import time
 
 import jax
@@ -23,6 +22,7 @@ from flax import nnx
 
 from jaxfp4.models.llama import Llama
 from kernels.bench_llama import greedy_decode, llama3_8b, model_arguments, random_checkpoint
+from kernels.profile_decode import traced
 
 
 def wall(fn, model, args, reps: int, donate: bool) -> float:
@@ -38,24 +38,17 @@ def wall(fn, model, args, reps: int, donate: bool) -> float:
 
 
 def host_events(fn, model, args) -> list[dict]:
-    from jax.profiler import ProfileData
-
     cache = model.init_cache(1, args.context + 2 * args.steps)
     call = (nnx.state(model), cache, jnp.ones((1,), jnp.int32), jnp.int32(args.context))
     jax.block_until_ready(fn(*call))
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d):
-            jax.block_until_ready(fn(*call))
-        (path,) = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if f.endswith(".xplane.pb")]
-        data = ProfileData.from_file(path)
-        totals = collections.defaultdict(lambda: [0, 0.0])
-        for plane in data.planes:
-            if plane.name.startswith("/host"):
-                for line in plane.lines:
-                    for e in line.events:
-                        t = totals[e.name[:100]]
-                        t[0] += 1
-                        t[1] += e.duration_ns / 1e3
+    totals = collections.defaultdict(lambda: [0, 0.0])
+    for plane in traced(fn, *call).planes:
+        if plane.name.startswith("/host"):
+            for line in plane.lines:
+                for e in line.events:
+                    t = totals[e.name[:100]]
+                    t[0] += 1
+                    t[1] += e.duration_ns / 1e3
     rows = [dict(name=k, count=n, us=us) for k, (n, us) in totals.items()]
     return sorted(rows, key=lambda r: -r["us"])[:40]
 

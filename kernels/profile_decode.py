@@ -34,29 +34,34 @@ def kind(name: str) -> str:
     return re.sub(r"[._]\d+$", "", re.sub(r"(_\d+)+$", "", name))
 
 
-def timeline(fn, *args, steps: int) -> dict:
-    """Gaps between consecutive GPU kernels over one call of ``fn`` (``steps`` decode steps), from a
-    ``jax.profiler`` trace (CUPTI activity records): the GPU span per step, the time some kernel is
-    running per step, and per kernel kind the summed gap before it starts (a negative gap is overlap
-    with the kernel before, as with programmatic dependent launch)."""
+def traced(fn, *args):
+    """A ``jax.profiler`` trace (``ProfileData``: host events and CUPTI activity records) of one
+    call ``fn(*args)``."""
     from jax.profiler import ProfileData
 
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
             jax.block_until_ready(fn(*args))
         (path,) = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if f.endswith(".xplane.pb")]
-        data = ProfileData.from_file(path)
-        events, host = [], collections.Counter()
-        for plane in data.planes:
-            if plane.name.startswith("/device:GPU:0"):
-                for line in plane.lines:
-                    if line.name.startswith("Stream"):
-                        events += [(e.start_ns, e.start_ns + e.duration_ns, kind(e.name)) for e in line.events]
-            elif plane.name.startswith("/host"):
-                for line in plane.lines:
-                    for e in line.events:
-                        if re.search(r"Graph|CommandBuffer|Launch|Mosaic|custom", e.name, re.I):
-                            host[e.name[:80]] += 1
+        return ProfileData.from_file(path)
+
+
+def timeline(fn, *args, steps: int) -> dict:
+    """Gaps between consecutive GPU kernels over one call of ``fn`` (``steps`` decode steps), from a
+    ``jax.profiler`` trace (CUPTI activity records): the GPU span per step, the time some kernel is
+    running per step, and per kernel kind the summed gap before it starts (a negative gap is overlap
+    with the kernel before, as with programmatic dependent launch)."""
+    events, host = [], collections.Counter()
+    for plane in traced(fn, *args).planes:
+        if plane.name.startswith("/device:GPU:0"):
+            for line in plane.lines:
+                if line.name.startswith("Stream"):
+                    events += [(e.start_ns, e.start_ns + e.duration_ns, kind(e.name)) for e in line.events]
+        elif plane.name.startswith("/host"):
+            for line in plane.lines:
+                for e in line.events:
+                    if re.search(r"Graph|CommandBuffer|Launch|Mosaic|custom", e.name, re.I):
+                        host[e.name[:80]] += 1
     events.sort()
     if not events:
         return dict(kernels_per_step=0, host_events=dict(host.most_common(25)))

@@ -156,27 +156,25 @@ def decode_attention(
             e = jnp.exp(sc - m[:, None])
             prob = (e / jnp.sum(e, axis=1)[:, None]).astype(dt)
             acc = pl_triton.dot(prob, tile(vc_ref, vn, 0, live, here))
-            pl_triton.store(o_ref.at[bi, pl.ds(kv * g, gp), :], acc.astype(dt), mask=group)
-            return
+        else:
+            steps = p // block + 1  # blocks holding positions 0..pos
 
-        steps = p // block + 1  # blocks holding positions 0..pos
+            def mx(i, m):
+                return jnp.maximum(m, jnp.max(scores(i)[0], axis=1))
 
-        def mx(i, m):
-            return jnp.maximum(m, jnp.max(scores(i)[0], axis=1))
+            m = jax.lax.fori_loop(0, steps, mx, jnp.full((gp,), -jnp.inf, f32))
 
-        m = jax.lax.fori_loop(0, steps, mx, jnp.full((gp,), -jnp.inf, f32))
+            def total(i, acc):
+                return acc + jnp.sum(jnp.exp(scores(i)[0] - m[:, None]), axis=1)
 
-        def total(i, acc):
-            return acc + jnp.sum(jnp.exp(scores(i)[0] - m[:, None]), axis=1)
+            den = jax.lax.fori_loop(0, steps, total, jnp.zeros((gp,), f32))
 
-        den = jax.lax.fori_loop(0, steps, total, jnp.zeros((gp,), f32))
+            def pv(i, acc):
+                sc, live, here = scores(i)
+                prob = (jnp.exp(sc - m[:, None]) / den[:, None]).astype(dt)
+                return acc + pl_triton.dot(prob, tile(vc_ref, vn, i, live, here))
 
-        def pv(i, acc):
-            sc, live, here = scores(i)
-            prob = (jnp.exp(sc - m[:, None]) / den[:, None]).astype(dt)
-            return acc + pl_triton.dot(prob, tile(vc_ref, vn, i, live, here))
-
-        acc = jax.lax.fori_loop(0, steps, pv, jnp.zeros((gp, d), f32))
+            acc = jax.lax.fori_loop(0, steps, pv, jnp.zeros((gp, d), f32))
         pl_triton.store(o_ref.at[bi, pl.ds(kv * g, gp), :], acc.astype(dt), mask=group)
 
     whole = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)

@@ -250,6 +250,12 @@ def add_rms_norm(x: jax.Array, delta: jax.Array | None, weight: jax.Array, eps: 
     return h, weight.astype(h.dtype) * f.astype(h.dtype)
 
 
+def _require_kernels(option: str) -> None:
+    """Raise unless Pallas kernels can run here (the model's ``option="pallas"`` paths)."""
+    if not kernels_run_here():
+        raise ValueError(f"{option}='pallas' needs an NVIDIA GPU (or jaxfp4.ops.pallas_interpret())")
+
+
 class RMSNorm(nnx.Module):
     """HF ``LlamaRMSNorm`` (:func:`add_rms_norm`); ``kernel``: run it (with the residual add
     before it, :meth:`add`) as one Pallas kernel, :mod:`jaxfp4.kernels.norm_triton`."""
@@ -266,8 +272,7 @@ class RMSNorm(nnx.Module):
         """``(x + delta, RMSNorm(x + delta))`` (``delta`` None: ``(x, RMSNorm(x))``)."""
         w = self.weight.get_value()
         if self.kernel and norm_triton.supported(x.shape[-1], x.dtype):
-            if not kernels_run_here():
-                raise ValueError("norm='pallas' needs an NVIDIA GPU (or jaxfp4.ops.pallas_interpret())")
+            _require_kernels("norm")
             return norm_triton.add_rms_norm(x, delta, w, eps=self.eps, interpret=interpreting())
         return add_rms_norm(x, delta, w, self.eps)
 
@@ -377,7 +382,7 @@ class Attention(nnx.Module):
         self.cfg = cfg
         self.qkv = Projections(ckpt, [f"{prefix}.{n}_proj" for n in "qkv"], backend, tp, fuse=fuse, prepare=prepare)
         self.o_proj = linear_from_checkpoint(ckpt, f"{prefix}.o_proj", backend, tp, prepare)
-        self.kernel = kernel and tp is None
+        self.kernel = kernel
 
     def __call__(self, x, cos, sin, kv: tuple[jax.Array, jax.Array], pos):
         """``kv``: this layer's cache arrays ``(k, v)``; returns ``(output, (k, v) updated)``."""
@@ -386,8 +391,8 @@ class Attention(nnx.Module):
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         short = attn_triton.use_kernel(b, kvh, kv[0].shape[1])
         kernel = self.kernel and t == 1 and short and attn_triton.supported(h, kvh, d, x.dtype) and kv[0].dtype == x.dtype
-        if kernel and not kernels_run_here():
-            raise ValueError("attention='pallas' needs an NVIDIA GPU (or jaxfp4.ops.pallas_interpret())")
+        if kernel:
+            _require_kernels("attention")
         q, k, v = self.qkv(x)
         q, k, v = q.reshape(b, t, h, d), k.reshape(b, t, kvh, d), v.reshape(b, t, kvh, d)
         if kernel:  # one decode token: the whole attention in one kernel
@@ -488,12 +493,15 @@ class Llama(nnx.Module):
                 raise ValueError(f"{name} must be None, 'xla' or 'pallas', got {v!r}")
         cfg = LlamaConfig.from_hf(ckpt.config)
         self.cfg, self.dtype = cfg, jnp.dtype(dtype)
-        if prepare is None:
-            prepare = jax.default_backend() == "gpu" and backend != "xla"
         gpu = jax.default_backend() == "gpu"
-        attn_kernel = attention == "pallas" or (attention is None and gpu)
-        norm_kernel = tp is None and (norm == "pallas" or (norm is None and gpu))
-        kw = dict(fuse=fuse, prepare=prepare, attn_kernel=attn_kernel, norm_kernel=norm_kernel)
+        if prepare is None:
+            prepare = gpu and backend != "xla"
+
+        def kernel(option: str | None) -> bool:  # "pallas", or None on a GPU; never under tp
+            return tp is None and (option == "pallas" or (option is None and gpu))
+
+        norm_kernel = kernel(norm)
+        kw = dict(fuse=fuse, prepare=prepare, attn_kernel=kernel(attention), norm_kernel=norm_kernel)
         self.embed_tokens = nnx.Param(ckpt.dense["model.embed_tokens.weight"])
         self.layers = nnx.List([Block(ckpt, i, cfg, backend, tp, **kw) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(ckpt.dense["model.norm.weight"], cfg.rms_norm_eps, norm_kernel)
