@@ -106,6 +106,41 @@ class MgpuConfig:
         return ROWS * self.wgs
 
 
+@dataclasses.dataclass(frozen=True)
+class L2Prefetch:
+    """What a kernel asks the L2 cache to fetch of another weight (the layer that runs next) once
+    its CTAs are done with their own units: the first ``count`` (unit, K step) tiles of the next
+    kernel's schedule, in the order its CTAs will first read them (time slot ``s = i // ctas``,
+    CTA ``i % ctas``: step ``s % steps`` of unit ``i % ctas + (s // steps) * ctas``). The next
+    kernel's schedule as :func:`_build` runs it: ``rows`` weight rows x ``bk`` K elements per tile,
+    ``block`` the scale block (16 or 32), ``steps`` K steps per unit, ``row_tiles`` x
+    ``token_tiles`` output tiles per K split, ``units`` units of work, ``ctas`` its grid.
+
+    A hint: ``cp.async.bulk.prefetch.tensor`` per tile (codes and scale bytes), nothing waits on
+    it and it changes no value. At decode the small kernels between two GEMMs (norms, attention,
+    the split-K sums) leave HBM idle; the next GEMM then starts with its first tiles in L2.
+    Made by :func:`jaxfp4.ops.pallas.l2_prefetch_plan`."""
+
+    rows: int
+    bk: int
+    block: int
+    steps: int
+    row_tiles: int
+    token_tiles: int
+    units: int
+    ctas: int
+    count: int
+
+    def tile(self, i: int) -> tuple[int, int] | None:
+        """Item ``i``'s (row tile, K step), or None where its unit does not exist (the last
+        time slots of a grid whose CTAs have unequal shares). The kernel computes the same."""
+        s, c2 = divmod(i, self.ctas)
+        u = c2 + (s // self.steps) * self.ctas
+        if u >= self.units:
+            return None
+        return u % self.row_tiles, (u // (self.row_tiles * self.token_tiles)) * self.steps + s % self.steps
+
+
 def token_tile(m: int) -> int:
     """Token rows per CTA for ``m`` tokens: ``m`` rounded up to a multiple of 8 (wgmma's N step),
     at least 8, at most 256 (wgmma's widest N)."""
@@ -343,7 +378,10 @@ def _swizzled(dtype, minor_bytes: int) -> tuple:
     return (plgpu.TilingTransform((8, minor_bytes * 8 // bits)), plgpu.SwizzleTransform(minor_bytes))
 
 
-def _check(x: jax.Array, codes: jax.Array, cfg: MgpuConfig, out_bytes: int, mx: bool) -> None:
+def _check(x: jax.Array, codes: jax.Array, cfg: MgpuConfig, out_bytes: int, mx: bool, prefetch=None) -> None:
+    _check_prefetch(prefetch)
+    if prefetch is not None and cfg.wgs != 1:
+        raise ValueError(f"{cfg}: the L2 prefetch of the next layer needs the one-warpgroup form (wgs == 1)")
     m, k = x.shape
     np_ = codes.shape[0]
     if cfg.wgs not in (1, 2):
@@ -366,9 +404,28 @@ def work_units(m: int, np_: int, split_k: int, wgs: int = 1) -> int:
     return (np_ // (ROWS * wgs)) * (padded_tokens(m) // token_tile(m)) * split_k
 
 
-def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype):
+def _check_prefetch(prefetch: tuple[L2Prefetch, jax.Array, jax.Array] | None) -> None:
+    if prefetch is None:
+        return
+    plan, pcodes, pscales = prefetch
+    k = plan.bk * plan.steps * (plan.units // (plan.row_tiles * plan.token_tiles))
+    want = ((plan.row_tiles * plan.rows, k // 2), (k // plan.block, plan.row_tiles * plan.rows))
+    if (
+        (pcodes.shape, pscales.shape) != want
+        or pcodes.dtype != jnp.uint8
+        or pscales.dtype != jnp.uint8
+        or plan.rows > 256
+        or plan.bk // 2 > 256
+        or plan.units % (plan.row_tiles * plan.token_tiles)
+    ):
+        raise ValueError(f"L2 prefetch {plan} does not fit codes {pcodes.shape} {pcodes.dtype}, scales {pscales.shape}")
+
+
+def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype, prefetch=None):
     """The kernel. ``epilogue`` (``(1, Np)`` or ``(2, Np)`` float32: row multipliers, then biases
-    if any) or None (split-K partials).
+    if any) or None (split-K partials). ``prefetch``: None or ``(plan, codes, scales)`` of the
+    next layer's kernel layout, whose first tiles each CTA asks into L2 when its units are done,
+    round robin (:class:`L2Prefetch`).
 
     Persistent: ``G = cfg.ctas`` CTAs (0: one per unit) share the ``U`` units of work (an
     ``R``-row x token tile x K split, ``R = cfg.rows``; unit ``u`` = ``(si * MT + mi) * NT +
@@ -397,7 +454,8 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
     ctas = min(units, cfg.ctas) if cfg.ctas > 0 else units
 
     def kernel(x_gmem, w_gmem, s_gmem, *refs, o_smem):
-        e_gmem, o_gmem = refs if fused else (None, *refs)
+        e_gmem, refs = (refs[0], refs[1:]) if fused else (None, refs)
+        (pw_gmem, ps_gmem, o_gmem) = refs if prefetch is not None else (None, None, *refs)
         c = lax.axis_index("c")
         count = (units - c + ctas - 1) // ctas  # this CTA's units (>= 1)
 
@@ -495,7 +553,29 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
                 max_concurrent_steps=cfg.stages,
                 compute_context=compute,
             )(*gmem)
+        if prefetch is not None:
+            prefetch_tiles(prefetch[0], pw_gmem, ps_gmem, c)
         plgpu.wait_smem_to_gmem(0)
+
+    def prefetch_tiles(plan: L2Prefetch, pw_gmem, ps_gmem, c):
+        """CTA ``c``'s share of ``plan``'s tiles: items ``c, c + ctas, ...`` (:meth:`L2Prefetch.tile`)."""
+
+        def issue(r, carry):
+            i = c + r * ctas
+            s, c2 = i // plan.ctas, i % plan.ctas
+            u = c2 + (s // plan.steps) * plan.ctas
+
+            @pl.when((i < plan.count) & (u < plan.units))
+            def _():
+                row0 = (u % plan.row_tiles) * plan.rows
+                kk = (u // (plan.row_tiles * plan.token_tiles)) * plan.steps + s % plan.steps
+                plgpu.async_prefetch(pw_gmem.at[pl.ds(row0, plan.rows), pl.ds(kk * (plan.bk // 2), plan.bk // 2)])
+                nb = plan.bk // plan.block
+                plgpu.async_prefetch(ps_gmem.at[pl.ds(kk * nb, nb), pl.ds(row0, plan.rows)])
+
+            return carry
+
+        lax.fori_loop(0, -(-plan.count // ctas), issue, 0)
 
     if fused:
         out_type = jax.ShapeDtypeStruct((mp, np_), out_dtype)
@@ -505,6 +585,8 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
         out_type = jax.ShapeDtypeStruct((split, np_, mp), jnp.float32)
         o_shape, o_dtype, o_tf = (ROWS, mt), jnp.float32, ()
         args = (x, codes, scales_t)
+    if prefetch is not None:
+        args = (*args, *prefetch[1:])
     o_smem = plgpu.SMEM(((wgs,) if wgs > 1 else ()) + o_shape, o_dtype, transforms=o_tf)
     threads = dict(num_threads=wgs + 1, thread_name="wg") if wgs > 1 else {}
     f = plgpu.kernel(
@@ -519,17 +601,35 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
     return f(*args)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mx"))
-def fp4_matmul_partials_mgpu(x: jax.Array, codes: jax.Array, scales_t: jax.Array, *, cfg: MgpuConfig, mx: bool) -> jax.Array:
+def _prefetch_operands(prefetch, plan: L2Prefetch | None):
+    if (prefetch is None) != (plan is None):
+        raise ValueError("prefetch (the next layer's codes and scales) and prefetch_plan come together")
+    return None if plan is None else (plan, *prefetch)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mx", "prefetch_plan"))
+def fp4_matmul_partials_mgpu(
+    x: jax.Array,
+    codes: jax.Array,
+    scales_t: jax.Array,
+    prefetch: tuple[jax.Array, jax.Array] | None = None,
+    *,
+    cfg: MgpuConfig,
+    mx: bool,
+    prefetch_plan: L2Prefetch | None = None,
+) -> jax.Array:
     """Split-K partials ``[split_k, Np, Mp]`` float32 of ``(Q * S) @ X.T * 2**-c`` (the caller sums
     them, transposes and multiplies ``2**c`` back); ``Mp = padded_tokens(M)``.
 
     ``x`` bf16 ``(M, K)`` (natural K order; ``M == input_rows(M)``: rows up to
     :func:`padded_tokens` are read as zeros by the TMA copies); ``codes`` uint8
     ``(Np, K/2)`` from :func:`prepare_codes`, ``Np % 64 == 0``; ``scales_t`` uint8 ``(K/B, Np)``
-    from :func:`prepare_scales`; ``K % (bk * split_k) == 0``."""
-    _check(x, codes, cfg, 4, mx)
-    return _build(x, codes, scales_t, None, cfg=cfg, mx=mx, out_dtype=jnp.float32)
+    from :func:`prepare_scales`; ``K % (bk * split_k) == 0``. ``prefetch``: the next layer's
+    kernel codes and scales, of which the tiles ``prefetch_plan`` names are asked into L2 as the
+    CTAs finish (:class:`L2Prefetch`; one-warpgroup configs only); no effect on the result."""
+    pf = _prefetch_operands(prefetch, prefetch_plan)
+    _check(x, codes, cfg, 4, mx, pf)
+    return _build(x, codes, scales_t, None, cfg=cfg, mx=mx, out_dtype=jnp.float32, prefetch=pf)
 
 
 def row_multipliers(alpha: jax.Array, mx: bool) -> jax.Array:
@@ -546,16 +646,18 @@ def epilogue_rows(row_scale: jax.Array, bias: jax.Array | None = None) -> jax.Ar
     return jnp.stack([row_scale, bias.astype(jnp.float32)])
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mx", "out_dtype"))
+@functools.partial(jax.jit, static_argnames=("cfg", "mx", "out_dtype", "prefetch_plan"))
 def fp4_matmul_fused_mgpu(
     x: jax.Array,
     codes: jax.Array,
     scales_t: jax.Array,
     epilogue: jax.Array,
+    prefetch: tuple[jax.Array, jax.Array] | None = None,
     *,
     cfg: MgpuConfig,
     mx: bool,
     out_dtype: jnp.dtype = jnp.bfloat16,
+    prefetch_plan: L2Prefetch | None = None,
 ) -> jax.Array:
     """``y = (X @ (Q * S).T) * alpha + bias`` ``(Mp, Np)`` in ``out_dtype`` (``Mp = padded_tokens(M)``)
     with the epilogue in the kernel (one K split: ``cfg.split_k == 1``): the float32 sum (which is
@@ -565,9 +667,10 @@ def fp4_matmul_fused_mgpu(
     ``out_dtype``. ``epilogue``: float32 ``(1, Np)`` or ``(2, Np)``, see :func:`epilogue_rows`
     (:func:`jaxfp4.ops.prepare_weights` stores row 0 as the layout's ``row_scale``); other
     arguments as :func:`fp4_matmul_partials_mgpu`."""
-    _check(x, codes, cfg, jnp.dtype(out_dtype).itemsize, mx)
+    pf = _prefetch_operands(prefetch, prefetch_plan)
+    _check(x, codes, cfg, jnp.dtype(out_dtype).itemsize, mx, pf)
     if cfg.split_k != 1:
         raise ValueError(f"the fused epilogue needs split_k == 1, got {cfg}")
     if epilogue.dtype != jnp.float32 or epilogue.shape not in ((1, codes.shape[0]), (2, codes.shape[0])):
         raise ValueError(f"epilogue must be float32 (1 or 2, {codes.shape[0]}), got {epilogue.dtype}{epilogue.shape}")
-    return _build(x, codes, scales_t, epilogue, cfg=cfg, mx=mx, out_dtype=jnp.dtype(out_dtype))
+    return _build(x, codes, scales_t, epilogue, cfg=cfg, mx=mx, out_dtype=jnp.dtype(out_dtype), prefetch=pf)

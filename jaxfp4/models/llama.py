@@ -209,10 +209,27 @@ class Projections(nnx.Module):
             self.sizes = None
         self.layers = nnx.List(layers)
 
-    def __call__(self, x: jax.Array) -> list[jax.Array]:
+    @property
+    def first(self) -> nnx.Module:
+        """The layer that runs first (the fused one, or the first of the list)."""
+        return self.layers[0]
+
+    def __call__(self, x: jax.Array, *, prefetch: nnx.Module | None = None) -> list[jax.Array]:
+        """``prefetch``: the layer that runs after these (see :func:`linear`); None: no hints,
+        also none between the unfused layers."""
         if self.sizes is None:
-            return [layer(x) for layer in self.layers]
-        return split_columns(self.layers[0](x), self.sizes, self.shards)
+            nxt = [None] * len(self.layers) if prefetch is None else [*self.layers[1:], prefetch]
+            return [linear(layer, x, p) for layer, p in zip(self.layers, nxt, strict=True)]
+        return split_columns(linear(self.layers[0], x, prefetch), self.sizes, self.shards)
+
+
+def linear(layer: nnx.Module, x: jax.Array, prefetch: nnx.Module | None) -> jax.Array:
+    """``layer(x)``; an :class:`Fp4Linear` also gets the layer that runs next (``prefetch``, if
+    it is one too), whose weight's first tiles its kernel asks into L2 as it finishes
+    (:func:`jaxfp4.fp4_linear`'s ``prefetch``; None: no hint)."""
+    if isinstance(layer, Fp4Linear) and isinstance(prefetch, Fp4Linear):
+        return layer(x, prefetch=prefetch)
+    return layer(x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,14 +395,16 @@ class Attention(nnx.Module):
         fuse: bool,
         prepare: bool,
         kernel: bool = False,
+        hints: bool = False,
     ):
-        self.cfg = cfg
+        self.cfg, self.hints = cfg, hints
         self.qkv = Projections(ckpt, [f"{prefix}.{n}_proj" for n in "qkv"], backend, tp, fuse=fuse, prepare=prepare)
         self.o_proj = linear_from_checkpoint(ckpt, f"{prefix}.o_proj", backend, tp, prepare)
         self.kernel = kernel
 
-    def __call__(self, x, cos, sin, kv: tuple[jax.Array, jax.Array], pos):
-        """``kv``: this layer's cache arrays ``(k, v)``; returns ``(output, (k, v) updated)``."""
+    def __call__(self, x, cos, sin, kv: tuple[jax.Array, jax.Array], pos, prefetch: nnx.Module | None = None):
+        """``kv``: this layer's cache arrays ``(k, v)``; returns ``(output, (k, v) updated)``.
+        ``prefetch``: the layer that runs after ``o_proj`` (with ``hints``, see :class:`Block`)."""
         cfg = self.cfg
         b, t, _ = x.shape
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -393,30 +412,40 @@ class Attention(nnx.Module):
         kernel = self.kernel and t == 1 and short and attn_triton.supported(h, kvh, d, x.dtype) and kv[0].dtype == x.dtype
         if kernel:
             _require_kernels("attention")
-        q, k, v = self.qkv(x)
+        q, k, v = self.qkv(x, prefetch=self.o_proj if self.hints else None)
         q, k, v = q.reshape(b, t, h, d), k.reshape(b, t, kvh, d), v.reshape(b, t, kvh, d)
         if kernel:  # one decode token: the whole attention in one kernel
             o, kv = attend_decode(q, k, v, cos, sin, kv, pos, interpret=interpreting())
         else:
             o, kv = attend(q, k, v, cos, sin, kv, pos)
-        return self.o_proj(o), kv
+        return linear(self.o_proj, o, prefetch if self.hints else None), kv
 
 
 class MLP(nnx.Module):
     def __init__(
-        self, ckpt: Checkpoint, prefix: str, backend: str | None, tp: TPConfig | None, *, fuse: bool, prepare: bool
+        self,
+        ckpt: Checkpoint,
+        prefix: str,
+        backend: str | None,
+        tp: TPConfig | None,
+        *,
+        fuse: bool,
+        prepare: bool,
+        hints: bool = False,
     ):
+        self.hints = hints
         modules = [f"{prefix}.gate_proj", f"{prefix}.up_proj"]
         self.gate_up = Projections(ckpt, modules, backend, tp, fuse=fuse, prepare=prepare)
         self.down_proj = linear_from_checkpoint(ckpt, f"{prefix}.down_proj", backend, tp, prepare)
 
-    def __call__(self, x):
+    def __call__(self, x, prefetch: nnx.Module | None = None):
+        """``prefetch``: the layer that runs after ``down_proj`` (with ``hints``, see :class:`Block`)."""
         # torch's SiLU: x / (1 + exp(-x)) in float32, rounded to the activation dtype, then the
         # product with up_proj in that dtype (jax.nn.silu in bf16 rounds differently).
-        g, up = self.gate_up(x)
+        g, up = self.gate_up(x, prefetch=self.down_proj if self.hints else None)
         g = g.astype(jnp.float32)
         act = (g / (1.0 + jnp.exp(-g))).astype(x.dtype)
-        return self.down_proj(act * up)
+        return linear(self.down_proj, act * up, prefetch if self.hints else None)
 
 
 class Block(nnx.Module):
@@ -432,8 +461,9 @@ class Block(nnx.Module):
         prepare: bool,
         attn_kernel: bool = False,
         norm_kernel: bool = False,
+        hints: bool = False,
     ):
-        kw = dict(fuse=fuse, prepare=prepare)
+        kw = dict(fuse=fuse, prepare=prepare, hints=hints)
         p = f"model.layers.{i}"
         eps = cfg.rms_norm_eps
         self.input_layernorm = RMSNorm(ckpt.dense[f"{p}.input_layernorm.weight"], eps, norm_kernel)
@@ -441,14 +471,17 @@ class Block(nnx.Module):
         self.self_attn = Attention(ckpt, f"{p}.self_attn", cfg, backend, tp, **kw, kernel=attn_kernel)
         self.mlp = MLP(ckpt, f"{p}.mlp", backend, tp, **kw)
 
-    def __call__(self, x, delta, cos, sin, kv: tuple[jax.Array, jax.Array], pos):
+    def __call__(self, x, delta, cos, sin, kv: tuple[jax.Array, jax.Array], pos, prefetch: nnx.Module | None = None):
         """``x``: the residual stream before the previous layer's MLP output ``delta`` is added
         (None: nothing to add), so that the add runs with this layer's first norm. Returns
-        ``(residual before this layer's MLP output, that output, (k, v) updated)``."""
+        ``(residual before this layer's MLP output, that output, (k, v) updated)``.
+        ``prefetch``: the layer that runs after this block (the next block's first projection or
+        the head). With ``hints`` (the model's ``prefetch`` option) each linear layer's kernel asks
+        the L2 cache for the next one's first weight tiles as it finishes."""
         x, y = self.input_layernorm.add(x, delta)
-        a, kv = self.self_attn(y, cos, sin, kv, pos)
+        a, kv = self.self_attn(y, cos, sin, kv, pos, prefetch=self.mlp.gate_up.first)
         x, y = self.post_attention_layernorm.add(x, a)
-        return x, self.mlp(y), kv
+        return x, self.mlp(y, prefetch), kv
 
 
 class Llama(nnx.Module):
@@ -474,6 +507,12 @@ class Llama(nnx.Module):
     stream bit-equal to the ``"xla"`` path, the normalized values up to the float32 sum's order),
     ``"xla"`` keeps it in jnp (:func:`add_rms_norm`); ``None``: ``"pallas"`` when the default
     backend is a GPU and there is no ``tp``.
+    ``prefetch``: each quantized linear layer's decode kernel asks the L2 cache for the first
+    weight tiles of the layer that runs after it as it finishes (``fp4_linear``'s ``prefetch``
+    hint: q/k/v -> o_proj -> gate/up -> down_proj -> the next block's q/k/v), so that those HBM
+    reads overlap the norms, attention and split-K sums between the GEMMs; no effect on values,
+    nor where a layer does not run the Mosaic GPU kernel. ``None``: on when the default backend is
+    a GPU and there is no ``tp``.
     """
 
     def __init__(
@@ -487,6 +526,7 @@ class Llama(nnx.Module):
         prepare: bool | None = None,
         attention: str | None = None,
         norm: str | None = None,
+        prefetch: bool | None = None,
     ):
         for name, v in (("attention", attention), ("norm", norm)):
             if v not in (None, "xla", "pallas"):
@@ -501,7 +541,8 @@ class Llama(nnx.Module):
             return tp is None and (option == "pallas" or (option is None and gpu))
 
         norm_kernel = kernel(norm)
-        kw = dict(fuse=fuse, prepare=prepare, attn_kernel=kernel(attention), norm_kernel=norm_kernel)
+        hints = (gpu and tp is None) if prefetch is None else bool(prefetch)
+        kw = dict(fuse=fuse, prepare=prepare, attn_kernel=kernel(attention), norm_kernel=norm_kernel, hints=hints)
         self.embed_tokens = nnx.Param(ckpt.dense["model.embed_tokens.weight"])
         self.layers = nnx.List([Block(ckpt, i, cfg, backend, tp, **kw) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(ckpt.dense["model.norm.weight"], cfg.rms_norm_eps, norm_kernel)
@@ -526,7 +567,8 @@ class Llama(nnx.Module):
         cos, sin = jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
         ks, vs, delta = [], [], None
         for i, layer in enumerate(self.layers):
-            x, delta, (k, v) = layer(x, delta, cos, sin, (cache.k[i], cache.v[i]), pos)
+            nxt = self.layers[i + 1].self_attn.qkv.first if i + 1 < len(self.layers) else self.lm_head
+            x, delta, (k, v) = layer(x, delta, cos, sin, (cache.k[i], cache.v[i]), pos, nxt)
             ks.append(k)
             vs.append(v)
         logits = self.lm_head(self.norm.add(x, delta)[1]).astype(jnp.float32)

@@ -101,10 +101,14 @@ class Fp4Linear(nnx.Module):
             kernel_layout=None if self.kernel_layout is None else self.kernel_layout.get_value(),
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, prefetch: Fp4Linear | Fp4LinearParams | None = None) -> jax.Array:
+        """``prefetch``: the layer that runs next (a hint, see :func:`~jaxfp4.fp4_linear`;
+        ignored under ``tp``)."""
         if self.tp is not None:
             return tp_linear(x, self.params(), self.tp, backend=self.backend)
-        return fp4_linear(x, self.params(), backend=self.backend)
+        if isinstance(prefetch, Fp4Linear):
+            prefetch = None if prefetch.tp is not None else prefetch.params()
+        return fp4_linear(x, self.params(), backend=self.backend, prefetch=prefetch)
 
     @classmethod
     def from_params(

@@ -25,7 +25,7 @@ class Backend:
 
     name: str
     unsupported_reason: Callable[[jax.Array, Fp4LinearParams], str | None]
-    forward: Callable[[jax.Array, Fp4LinearParams, jax.Array | None, jnp.dtype], jax.Array]
+    forward: Callable[..., jax.Array]  # (x, params, bias, out_dtype, prefetch) -> y
 
 
 #: Ordered by preference for ``backend=None``.
@@ -65,6 +65,7 @@ def fp4_linear(
     bias: jax.Array | None = None,
     backend: str | None = None,
     out_dtype: jnp.dtype | None = None,
+    prefetch: Fp4LinearParams | None = None,
 ) -> jax.Array:
     """``y = Q(x) @ W.T + b`` for an FP4 weight ``W`` of shape ``(N, K)``.
 
@@ -75,6 +76,11 @@ def fp4_linear(
       backend: ``None`` (auto: the fastest that supports the call), ``"pallas"`` or ``"xla"``.
       out_dtype: the output dtype; default ``x.dtype``. ``jnp.float32`` returns the float32
         accumulator unrounded (row-parallel layers sum such partials across devices).
+      prefetch: the params of the layer that runs next (a hint; never changes the result). Where
+        this call and that layer both run the Mosaic GPU kernel (prepared weights, decode-sized
+        ``M``), this kernel asks the L2 cache for the first :data:`~jaxfp4.ops.pallas.L2_PREFETCH_BYTES`
+        of that layer's weight in the order its kernel reads them, as its own CTAs finish, so
+        that the HBM reads overlap the small operations between the two; elsewhere ignored.
 
     Returns:
       ``[..., N]`` in ``out_dtype``. ``Q`` is the recipe's activation quantization (identity for
@@ -82,6 +88,8 @@ def fp4_linear(
     """
     bias = params.bias if bias is None else bias
     _check_call(x, params, bias)
+    if prefetch is not None and not isinstance(prefetch, Fp4LinearParams):
+        raise TypeError(f"prefetch must be Fp4LinearParams or None, got {type(prefetch).__name__}")
     chosen = select_backend(x, params, backend)
     with jax.named_scope(f"jaxfp4.{chosen.name}"):
-        return chosen.forward(x, params, bias, jnp.dtype(x.dtype if out_dtype is None else out_dtype))
+        return chosen.forward(x, params, bias, jnp.dtype(x.dtype if out_dtype is None else out_dtype), prefetch)

@@ -403,6 +403,54 @@ def dense_forward(
     return _epilogue(lax.dot_general(x2, wq, dims, preferred_element_type=jnp.float32), None, bias, out_dtype)
 
 
+# Bytes of the next layer's weight (codes and scale bytes) that a decode kernel asks into L2 as it
+# finishes (``fp4_linear(..., prefetch=next_params)``, :class:`~jaxfp4.kernels.w4a16_mgpu.L2Prefetch`).
+# At decode the kernels between two GEMMs (norms, attention, split-K sums) run for ~2-8 us with
+# HBM idle. Measured on the H100 in the Llama-3-8B decode step, b1 (kernels/profile_decode.py,
+# probe_prefetch.py; results/history/prefetch-*, session 19): the Mosaic GPU kernels 1856 -> 1782
+# us a step with 4 or 8 MiB (q/k/v 8.1 -> 7.6 us, o_proj 6.1 -> 5.6, gate/up 28.5 -> 27.8, down
+# 15.3 -> 14.6), but from 8 MiB the split-K sums after o_proj and down_proj slow down behind the
+# prefetch (96 -> 124 us a step) and decode tokens/s fall (16 MiB -2.6%, 32 MiB -5%). Even a
+# weight read wholly from L2 gains little: these kernels' time is mostly their fixed cost.
+L2_PREFETCH_BYTES = 4 << 20
+
+
+def l2_prefetch_plan(m: int, nxt: Fp4LinearParams, budget: int | None = None, out_bytes: int = 2):
+    """The :class:`~jaxfp4.kernels.w4a16_mgpu.L2Prefetch` of layer ``nxt`` for a kernel of ``m``
+    tokens: the first tiles, in the order its own kernel will read them (its config for ``m``
+    tokens and outputs of ``out_bytes``), up to ``budget`` bytes (default
+    :data:`L2_PREFETCH_BYTES`). None where ``nxt`` would not run the Mosaic GPU kernel at ``m``
+    (another path, another schedule) or the budget holds no tile."""
+    from jaxfp4.kernels import w4a16_mgpu as K
+
+    if not uses_mgpu(nxt, m, "fp8" if isinstance(nxt.recipe, MXFP4W4A8) else "bf16", out_bytes):
+        return None
+    np_, kp = nxt.kernel_layout.padded_shape
+    fmt = nxt.weight.format
+    cfg = choose_mgpu_config(m, np_, kp, fmt, out_bytes)
+    block = 32 if fmt is FP4Format.MXFP4 else 16
+    tile_bytes = cfg.rows * cfg.bk // 2 + cfg.bk // block * cfg.rows
+    units = K.work_units(m, np_, cfg.split_k, cfg.wgs)
+    steps = kp // cfg.split_k // cfg.bk
+    ctas = min(units, cfg.ctas) if cfg.ctas > 0 else units
+    slots = -(-units // ctas) * steps * ctas  # items, holes included (L2Prefetch.tile)
+    count = min(slots, (L2_PREFETCH_BYTES if budget is None else budget) // tile_bytes)
+    if count <= 0:
+        return None
+    mt = K.token_tile(m)
+    return K.L2Prefetch(
+        rows=cfg.rows,
+        bk=cfg.bk,
+        block=block,
+        steps=steps,
+        row_tiles=np_ // cfg.rows,
+        token_tiles=K.padded_tokens(m) // mt,
+        units=units,
+        ctas=ctas,
+        count=count,
+    )
+
+
 def mgpu_linear(
     x2: jax.Array,
     layout: KernelLayout,
@@ -410,17 +458,23 @@ def mgpu_linear(
     bias: jax.Array | None,
     out_dtype: jnp.dtype,
     cfg=None,
+    prefetch: Fp4LinearParams | None = None,
 ) -> jax.Array:
     """``x2 @ (Q*S).T * alpha + bias`` ``(M, N)`` in ``out_dtype`` by the Mosaic GPU kernel, with
     ``alpha * 2**c`` the layout's ``row_scale``; ``x2`` bf16 ``(M, K)``; ``cfg`` defaults to
     :func:`choose_mgpu_config`. With one K split the epilogue runs in the kernel (no operation
-    before it unless there is a bias), else on its float32 split-K partials (one XLA fusion)."""
+    before it unless there is a bias), else on its float32 split-K partials (one XLA fusion).
+    ``prefetch``: the layer that runs next, whose first weight tiles the kernel asks into L2 as
+    it finishes (:func:`l2_prefetch_plan`; one-warpgroup configs; no effect on the result)."""
     from jaxfp4.kernels import w4a16_mgpu
 
     m = x2.shape[0]
     np_, kp = layout.padded_shape
     fmt = FP4Format.MXFP4 if mx else FP4Format.NVFP4
     cfg = cfg or choose_mgpu_config(m, np_, kp, fmt, jnp.dtype(out_dtype).itemsize)
+    plan = None if prefetch is None or cfg.wgs != 1 else l2_prefetch_plan(m, prefetch)
+    nxt = None if plan is None else prefetch.kernel_layout
+    pf = dict(prefetch_plan=plan, prefetch=None if nxt is None else (nxt.codes, nxt.scales))
     # Token rows are not padded to the tile (the kernel's TMA copies fill rows past M with zeros),
     # only to what Mosaic GPU's tiling needs; K is padded to the layout's.
     mi = w4a16_mgpu.input_rows(m)
@@ -428,9 +482,11 @@ def mgpu_linear(
     if cfg.split_k == 1:
         b = None if bias is None else jnp.pad(bias.astype(jnp.float32), (0, np_ - layout.n))
         rows = w4a16_mgpu.epilogue_rows(layout.row_scale, b)
-        y = w4a16_mgpu.fp4_matmul_fused_mgpu(xp, layout.codes, layout.scales, rows, cfg=cfg, mx=mx, out_dtype=out_dtype)
+        y = w4a16_mgpu.fp4_matmul_fused_mgpu(
+            xp, layout.codes, layout.scales, rows, cfg=cfg, mx=mx, out_dtype=out_dtype, **pf
+        )
         return y[:m, : layout.n]
-    parts = w4a16_mgpu.fp4_matmul_partials_mgpu(xp, layout.codes, layout.scales, cfg=cfg, mx=mx)
+    parts = w4a16_mgpu.fp4_matmul_partials_mgpu(xp, layout.codes, layout.scales, cfg=cfg, mx=mx, **pf)
     return _epilogue(parts.sum(0).T[:m, : layout.n], layout.row_scale[: layout.n], bias, out_dtype)
 
 
@@ -481,7 +537,13 @@ def _triton_matmul(x2: jax.Array, w, acts: str) -> jax.Array:
 FP8_ACT_KERNEL_MIN_M = 128
 
 
-def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None, out_dtype: jnp.dtype) -> jax.Array:
+def forward(
+    x: jax.Array,
+    params: Fp4LinearParams,
+    bias: jax.Array | None,
+    out_dtype: jnp.dtype,
+    prefetch: Fp4LinearParams | None = None,
+) -> jax.Array:
     w = params.weight
     r = params.recipe
     lead = x.shape[:-1]
@@ -501,7 +563,7 @@ def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None, out_d
             x2 = fp8_static_values(x2, params.input_scale, interpret=_interpret)
         elif acts == "fp8":
             x2 = codecs.decode_e4m3(quantize_fp8_static(x2, params.input_scale)).astype(jnp.bfloat16)
-        y = mgpu_linear(x2, params.kernel_layout, w.format is FP4Format.MXFP4, bias, out_dtype)
+        y = mgpu_linear(x2, params.kernel_layout, w.format is FP4Format.MXFP4, bias, out_dtype, prefetch=prefetch)
     else:
         x2 = quantize_fp8_static(x2, params.input_scale) if acts == "fp8" else x2
         if uses_dense(m, acts, params, ob):

@@ -54,7 +54,14 @@ def gemm_weight(w: QuantizedTensor, dtype: jnp.dtype) -> jax.Array:
     return dequantize(as_mult, dtype)
 
 
-def forward(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None, out_dtype: jnp.dtype) -> jax.Array:
+def forward(
+    x: jax.Array,
+    params: Fp4LinearParams,
+    bias: jax.Array | None,
+    out_dtype: jnp.dtype,
+    prefetch: Fp4LinearParams | None = None,
+) -> jax.Array:
+    del prefetch  # a GPU kernel's hint; XLA schedules its own memory traffic
     x_dq = prepare_activations(x, params)
     w = gemm_weight(params.weight, x.dtype)
     y = jax.lax.dot_general(x_dq, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)

@@ -421,3 +421,149 @@ def test_fp4_linear_with_kernel_layout_matches_xla_on_gpu(recipe, lead, n, k, mo
     assert pallas.uses_mgpu(p, x.size // k)
     y = jax.jit(lambda x, p: jaxfp4.fp4_linear(x, p))(x, p)
     _check_against_reference(x, p, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# The L2 prefetch of the next layer (L2Prefetch, fp4_linear's ``prefetch``)
+
+
+def _schedule(plan: K.L2Prefetch) -> list[tuple[int, int]]:
+    """The next kernel's (row tile, K step) reads in time order, from its persistent schedule as
+    ``_build`` documents it: CTA ``c`` runs units ``c, c + G, ...``, each through its K steps;
+    at each time slot every CTA that still has work reads one tile (CTAs in index order)."""
+    per_cta = []
+    for c in range(plan.ctas):
+        seq = []
+        for u in range(c, plan.units, plan.ctas):
+            ni, si = u % plan.row_tiles, u // (plan.row_tiles * plan.token_tiles)
+            seq += [(ni, si * plan.steps + j) for j in range(plan.steps)]
+        per_cta.append(seq)
+    return [s[t] for t in range(max(map(len, per_cta))) for s in per_cta if t < len(s)]
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "k", "cfg"),
+    [
+        (1, 6144, 4096, K.MgpuConfig(256, 4, 3, ctas=384)),  # one CTA per unit, split K
+        (1, 320, 1024, K.MgpuConfig(256, 2, 3, ctas=3)),  # persistent, unequal shares: 4, 3, 3
+        (16, 448, 2048, K.MgpuConfig(512, 1, 4, ctas=4)),
+        (300, 256, 1024, K.MgpuConfig(128, 2, 2, ctas=3, wgs=2)),  # two token tiles: tiles repeat
+    ],
+)
+def test_prefetch_plan_follows_the_next_kernels_read_order(m, n, k, cfg, monkeypatch):
+    """The plan's items, holes (a CTA without a unit at that time slot) dropped, are the next
+    kernel's reads in time order, cut at the byte budget: every prefix of the budget gets the
+    tiles read first, and the whole budget the whole weight once per token tile."""
+    monkeypatch.setattr(pallas, "choose_mgpu_config", lambda *a, **kw: cfg)
+    nxt = jaxfp4.prepare_weights(_params(NVFP4W4A16(), n, k, fused=False))
+    tile_bytes = cfg.rows * cfg.bk // 2 + cfg.bk // 16 * cfg.rows
+    full = pallas.l2_prefetch_plan(m, nxt, budget=1 << 40)
+    want = _schedule(full)
+    assert len(want) == full.units * full.steps
+    for budget in (tile_bytes, 5 * tile_bytes + 1, len(want) * tile_bytes // 3, 1 << 40):
+        plan = pallas.l2_prefetch_plan(m, nxt, budget=budget)
+        got = [t for i in range(plan.count) if (t := plan.tile(i)) is not None]
+        assert len(got) * tile_bytes <= budget and got == want[: len(got)]
+        assert plan.count == min(budget // tile_bytes, -(-plan.units // plan.ctas) * plan.steps * plan.ctas)
+    got = [t for i in range(full.count) if (t := full.tile(i)) is not None]
+    tiles = [(ni, kk) for ni in range(full.row_tiles) for kk in range(k // cfg.bk)]
+    assert sorted(got) == sorted(tiles * full.token_tiles)  # each token tile reads the whole weight
+    assert pallas.l2_prefetch_plan(m, nxt, budget=tile_bytes - 1) is None
+    assert pallas.l2_prefetch_plan(m, _params(NVFP4W4A16(), n, k, fused=False)) is None  # no kernel layout
+
+
+@pytest.mark.skipif(
+    tuple(int(v) for v in jax.__version__.split(".")[:2]) >= (0, 11),
+    reason="jax >= 0.11 refuses to lower for CUDA without a GPU; CI runs jax 0.10.x",
+)
+@pytest.mark.parametrize("mx", [False, True])
+def test_mgpu_kernel_with_l2_prefetch_lowers_for_cuda_on_cpu_install(mx):
+    """Both outputs (fused, split-K partials), with a next layer of another shape and schedule
+    (wider tiles, unequal shares), lower through Mosaic GPU with the next layer's two arrays as
+    operands; the pallas backend's ``forward(..., prefetch=)`` on prepared params reaches the
+    kernel with them."""
+    blk = 32 if mx else 16
+    plan = K.L2Prefetch(rows=128, bk=256, block=blk, steps=2, row_tiles=3, token_tiles=1, units=6, ctas=4, count=9)
+    nxt = (jax.ShapeDtypeStruct((384, 512 // 2 * 2), jnp.uint8), jax.ShapeDtypeStruct((1024 // blk, 384), jnp.uint8))
+    for m, n, k, cfg in [(1, 256, 1024, K.MgpuConfig(256, 2, 4, ctas=3)), (16, 448, 2048, K.MgpuConfig(512, 1, 4, ctas=4))]:
+        args = [
+            jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
+            jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
+            jax.ShapeDtypeStruct((k // blk, n), jnp.uint8),
+        ]
+        if cfg.split_k == 1:
+            args.append(jax.ShapeDtypeStruct((1, n), jnp.float32))
+            f = jax.jit(lambda *a, cfg=cfg: K.fp4_matmul_fused_mgpu(*a[:4], a[4:], cfg=cfg, mx=mx, prefetch_plan=plan))
+        else:
+            f = jax.jit(lambda *a, cfg=cfg: K.fp4_matmul_partials_mgpu(*a[:3], a[3:], cfg=cfg, mx=mx, prefetch_plan=plan))
+        text = f.trace(*args, *nxt).lower(lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in text and "384x512xui8" in text
+    recipe = MXFP4W4A16() if mx else NVFP4W4A16()
+    p = jaxfp4.prepare_weights(_params(recipe, 512, 1024, fused=False))
+    q = jaxfp4.prepare_weights(_params(recipe, 384, 512, fused=False))
+    x = jax.ShapeDtypeStruct((1, 1024), jnp.bfloat16)
+    calls = {}
+    for name, pf in (("without", None), ("with", q)):
+        f = jax.jit(lambda x, p, q, pf=pf: pallas.forward(x, p, None, jnp.bfloat16, prefetch=q if pf else None))
+        calls[name] = f.trace(x, p, q).lower(lowering_platforms=("cuda",)).as_text()
+    assert "384x256xui8" in calls["with"] and "384x256xui8" not in calls["without"]
+
+
+def test_prefetch_hint_is_checked():
+    p = _params(NVFP4W4A16(), 64, 256, fused=False)
+    x = jnp.zeros((1, 256), jnp.bfloat16)
+    with pytest.raises(TypeError, match="prefetch must be Fp4LinearParams"):
+        jaxfp4.fp4_linear(x, p, prefetch=p.weight)
+    plan = K.L2Prefetch(rows=64, bk=256, block=16, steps=1, row_tiles=1, token_tiles=1, units=1, ctas=1, count=1)
+    codes, scales = jnp.zeros((64, 128), jnp.uint8), jnp.zeros((16, 64), jnp.uint8)
+    with pytest.raises(ValueError, match="come together"):
+        K.fp4_matmul_partials_mgpu(x, codes, scales, cfg=K.MgpuConfig(256, 1, 2), mx=False, prefetch_plan=plan)
+    with pytest.raises(ValueError, match="does not fit"):  # codes of another shape than the plan's
+        K.fp4_matmul_partials_mgpu(
+            x, codes, scales, (codes[:, :64], scales), cfg=K.MgpuConfig(256, 1, 2), mx=False, prefetch_plan=plan
+        )
+    with pytest.raises(ValueError, match="one-warpgroup"):
+        K.fp4_matmul_partials_mgpu(
+            x,
+            jnp.zeros((128, 128), jnp.uint8),
+            jnp.zeros((16, 128), jnp.uint8),
+            (codes, scales),
+            cfg=K.MgpuConfig(256, 1, 2, wgs=2),
+            mx=False,
+            prefetch_plan=plan,
+        )
+
+
+@requires_gpu
+@pytest.mark.parametrize("fmt", [FP4Format.NVFP4, FP4Format.MXFP4])
+@pytest.mark.parametrize(
+    ("m", "n", "k", "cfg"),
+    [
+        (1, 320, 1024, K.MgpuConfig(256, 2, 3, ctas=3)),  # split-K partials
+        (16, 448, 2048, K.MgpuConfig(512, 1, 4, ctas=4)),  # fused epilogue
+    ],
+)
+def test_l2_prefetch_changes_no_output_bit_on_gpu(fmt, m, n, k, cfg):
+    """The kernel with a next layer to prefetch (all of it, and a part) gives the same bits as
+    without: the prefetch only issues cache hints."""
+    mx = fmt is FP4Format.MXFP4
+    q, q2 = _weight(m, n, k, fmt), _weight(m + 1, 384, 2048, fmt)
+    x = jnp.pad(jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16), ((0, K.input_rows(m) - m), (0, 0)))
+    codes, scales = K.kernel_operands(q.codes, q.scales)
+    nxt = K.kernel_operands(q2.codes, q2.scales)
+    blk = fmt.block_size
+    plans = [
+        K.L2Prefetch(rows=64, bk=512, block=blk, steps=2, row_tiles=6, token_tiles=1, units=12, ctas=12, count=count)
+        for count in (24, 7)
+    ]
+    e = K.epilogue_rows(K.row_multipliers(jnp.ones((n,), jnp.float32), mx))
+    for plan in [None, *plans]:
+        pf = dict(prefetch=None if plan is None else nxt, prefetch_plan=plan)
+        if cfg.split_k == 1:
+            y = K.fp4_matmul_fused_mgpu(x, codes, scales, e, cfg=cfg, mx=mx, **pf)
+        else:
+            y = K.fp4_matmul_partials_mgpu(x, codes, scales, cfg=cfg, mx=mx, **pf)
+        if plan is None:
+            base = np.asarray(y)
+        else:
+            np.testing.assert_array_equal(np.asarray(y), base)

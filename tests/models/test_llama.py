@@ -181,6 +181,39 @@ def test_model_kernels_need_a_gpu_or_interpret_mode():
                 generate(model, jnp.ones((1, 4), jnp.int32), max_new_tokens=2)
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_each_linear_hints_the_layer_that_runs_next(fuse, monkeypatch):
+    """With ``prefetch`` each quantized linear passes the next one to ``fp4_linear`` as its L2
+    prefetch hint, in the order they run (q/k/v -> o_proj -> gate/up -> down_proj -> the next
+    block's q/k/v; the last down_proj none: the head is dense here); without, no hints."""
+    from jaxfp4.nn import Fp4Linear
+
+    ck = jaxfp4.load_checkpoint(os.path.join(FIXTURES, "ct-nvfp4a16"))
+    calls = []
+    original = Fp4Linear.__call__
+
+    def spy(self, x, *, prefetch=None):
+        calls.append((self, prefetch))
+        return original(self, x, prefetch=prefetch)
+
+    monkeypatch.setattr(Fp4Linear, "__call__", spy)
+    tokens = jnp.ones((1, 3), jnp.int32)
+    for hints in (True, False):
+        model = Llama(ck, dtype=jnp.bfloat16, fuse=fuse, prefetch=hints)
+        order = [
+            layer
+            for blk in model.layers
+            for part in (blk.self_attn.qkv.layers, [blk.self_attn.o_proj], blk.mlp.gate_up.layers, [blk.mlp.down_proj])
+            for layer in part
+        ]
+        assert all(isinstance(layer, Fp4Linear) for layer in order) and len(order) == (4 if fuse else 7) * len(model.layers)
+        calls.clear()
+        model(tokens, jnp.int32(0), model.init_cache(1, 8))
+        assert [c[0] for c in calls] == order
+        want = [*order[1:], None] if hints else [None] * len(order)
+        assert [c[1] for c in calls] == want
+
+
 def test_sampling_is_keyed_and_respects_top_k():
     ck = jaxfp4.load_checkpoint(os.path.join(FIXTURES, "ct-mxfp4a16"))
     model = Llama(ck, dtype=jnp.bfloat16)
