@@ -64,13 +64,38 @@ def llama3_8b(layers: int, vocab: int) -> dict:
 def model_arguments(ap: argparse.ArgumentParser, steps: int) -> None:
     """The lab's shared model options: ``--layers``, ``--vocab`` (of :func:`llama3_8b`),
     ``--context`` (where decoding starts), ``--steps`` (decode steps per timed call) and the
-    model's ``--attention`` and ``--norm`` paths (``Llama``'s arguments)."""
+    model's ``--attention``, ``--norm`` and ``--prefetch`` options (``Llama``'s arguments; see
+    :func:`model_options`)."""
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--context", type=int, default=128, help="decode starts at this position (cache pre-filled length)")
     ap.add_argument("--steps", type=int, default=steps, help="decode steps per timed call")
     ap.add_argument("--attention", default=None, help="the model's attention: xla or pallas (default: pallas on a GPU)")
     ap.add_argument("--norm", default=None, help="the model's add + RMSNorm: xla or pallas (default: pallas on a GPU)")
+    ap.add_argument(
+        "--prefetch",
+        type=int,
+        default=None,
+        choices=(0, 1),
+        help="the model's L2 prefetch hints between linear layers: 0 off, 1 on (default: on a GPU)",
+    )
+    ap.add_argument(
+        "--prefetch-mb",
+        type=float,
+        default=None,
+        help="MiB of the next layer's weight each kernel asks into L2 (default: jaxfp4.ops.pallas.L2_PREFETCH_BYTES)",
+    )
+
+
+def model_options(args) -> dict:
+    """``Llama``'s keyword arguments from :func:`model_arguments`' options (``--prefetch-mb`` sets
+    ``jaxfp4.ops.pallas.L2_PREFETCH_BYTES``, which is read when a call is traced)."""
+    from jaxfp4.ops import pallas
+
+    if args.prefetch_mb is not None:
+        pallas.L2_PREFETCH_BYTES = int(args.prefetch_mb * (1 << 20))
+    prefetch = None if args.prefetch is None else bool(args.prefetch)
+    return dict(attention=args.attention, norm=args.norm, prefetch=prefetch)
 
 
 def shapes(cfg: dict) -> dict[str, tuple[int, int]]:
@@ -228,8 +253,7 @@ def main() -> None:
             backend=args.backend,
             fuse=not args.no_fuse,
             tp=tp,
-            attention=args.attention,
-            norm=args.norm,
+            **model_options(args),
         )
         del ckpt
         records += bench_model(model, "nvfp4_w4a16" if fp4 else "bf16", args)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxfp4.models.llama import Llama
-from kernels.bench_llama import greedy_decode, llama3_8b, model_arguments, random_checkpoint
+from kernels.bench_llama import greedy_decode, llama3_8b, model_arguments, model_options, random_checkpoint
 from kernels.profile_decode import traced
 
 
@@ -64,7 +64,7 @@ def main() -> None:
     device = jax.devices()[0].device_kind
     result = {"device": device, "jax": jax.__version__, "args": vars(args), "models": {}}
     for name in args.models.split(","):
-        model = Llama(random_checkpoint(cfg, name != "bf16"), dtype=jnp.bfloat16, attention=args.attention, norm=args.norm)
+        model = Llama(random_checkpoint(cfg, name != "bf16"), dtype=jnp.bfloat16, **model_options(args))
         graphdef = nnx.graphdef(model)
         r = {}
         for donate in (False, True):

@@ -26,7 +26,7 @@ from flax import nnx
 from jax.experimental.mosaic.gpu import profiler
 
 from jaxfp4.models.llama import Llama, TPConfig
-from kernels.bench_llama import greedy_decode, llama3_8b, model_arguments, random_checkpoint
+from kernels.bench_llama import greedy_decode, llama3_8b, model_arguments, model_options, random_checkpoint
 
 
 def kind(name: str) -> str:
@@ -130,6 +130,7 @@ def profile(model: Llama, batch: int, context: int, steps: int, trace: bool = Fa
         kernel_us=kernels_us,
         step_wall_us=sorted(walls)[1],
         groups=[dict(name=k, count=n, us=us) for k, n, us in rows],
+        sequence=[(kind(name), ms * 1e3) for name, ms in timings],  # one step's kernels in launch order
     )
     if trace:
         out["timeline"] = timeline(many, state, cache, tok, pos, steps=steps)
@@ -163,8 +164,7 @@ def main() -> None:
             dtype=jnp.bfloat16,
             fuse=not args.no_fuse,
             tp=tp,
-            attention=args.attention,
-            norm=args.norm,
+            **model_options(args),
         )
         r = profile(model, args.batch, args.context, args.steps, trace=args.timeline, unroll=args.unroll)
         del model
@@ -172,6 +172,10 @@ def main() -> None:
         print(f"{name}: {r['kernels']} kernels, {r['kernel_us']:.0f} us of kernels, step wall {r['step_wall_us']:.0f} us")
         for g in r["groups"][:16]:
             print(f"  {g['us']:9.1f} us  {g['count']:4d}x  {g['name']}")
+        mosaic = [us for k, us in r["sequence"] if "mosaic" in k]
+        if per := len(mosaic) // args.layers:  # q/k/v, o_proj, gate/up, down_proj when fused
+            means = [sum(mosaic[i::per]) / len(mosaic[i::per]) for i in range(per)]
+            print("  Mosaic GPU kernels by place in a layer (us):", " ".join(f"{v:.2f}" for v in means))
         if r.get("timeline", {}).get("kernels_per_step"):
             t = r["timeline"]
             span, busy = t["span_us_per_step"], t["busy_us_per_step"]
