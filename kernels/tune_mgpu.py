@@ -139,6 +139,11 @@ def main() -> None:
         action="store_true",
         help="only the chosen (tuned or heuristic) config, with and without a wgmma left running across steps",
     )
+    ap.add_argument(
+        "--compare-cluster",
+        action="store_true",
+        help="only the chosen config, and where it splits K the same with the partials summed in the kernel by clusters",
+    )
     args = ap.parse_args()
     out = os.environ.get("OUT", ".")
     dev = jax.devices()[0].device_kind
@@ -164,6 +169,13 @@ def main() -> None:
             best = (ref_us, heur)
             if args.compare_inflight:
                 tries = [dataclasses.replace(heur, inflight=1 - heur.inflight)]
+            elif args.compare_cluster:  # the chosen split, and 2 (clusters of 4 cost more), summed in clusters
+                np_ = -(-n // K.ROWS) * K.ROWS
+                tries = [
+                    dataclasses.replace(heur, split_k=sk, cluster=True, ctas=K.work_units(m, np_, sk))
+                    for sk in dict.fromkeys((heur.split_k, 2))
+                    if heur.split_k > 1 and heur.wgs == 1 and k % (sk * heur.bk) == 0
+                ]
             elif args.diagnose:
                 tries = [dataclasses.replace(heur, dequant=d) for d in ("none", "noscale", "skip")]
             else:

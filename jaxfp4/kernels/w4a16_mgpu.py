@@ -99,6 +99,11 @@ class MgpuConfig:
     # warpgroups compute 64 rows each of a 128-row tile and share its activation tile, which halves
     # the activation reads per weight byte; see :func:`_build`).
     wgs: int = 1
+    # Split-K partials summed in the kernel (one-warpgroup form, ``split_k`` 2, 4 or 8): the
+    # ``split_k`` CTAs of a unit form a thread block cluster, each leaves its float32 partial in
+    # its shared memory, and rank 0 reads the others' through distributed shared memory, sums them
+    # in rank order and runs the fused epilogue; no partials in HBM, no reduction kernel.
+    cluster: bool = False
 
     @property
     def rows(self) -> int:
@@ -158,6 +163,11 @@ def padded_tokens(m: int) -> int:
     mt = token_tile(m)
     return -(-m // mt) * mt
 
+
+# Largest token tile the cluster reduction (MgpuConfig.cluster) runs with: its exactness tests pass
+# on the H100 with 8, 16 and 40-token tiles, while 64-token tiles (fp4_linear at M = 64, split 2,
+# every recipe) disagreed with the xla path there (session 19, not yet understood).
+CLUSTER_MAX_TILE = 40
 
 SMEM_LIMIT = 227 * 1024  # shared memory one Hopper CTA may use (bytes)
 
@@ -390,7 +400,12 @@ def _check(x: jax.Array, codes: jax.Array, cfg: MgpuConfig, out_bytes: int, mx: 
         raise ValueError(f"bad shapes for the Mosaic GPU kernel: x {x.shape}, codes {codes.shape}, {cfg}")
     if cfg.inflight not in (0, 1) or cfg.stages <= cfg.inflight:
         raise ValueError(f"{cfg}: inflight must be 0 or 1 and below stages")
+    if cfg.cluster and (cfg.wgs != 1 or cfg.split_k not in (2, 4, 8) or cfg.ctas % cfg.split_k):
+        raise ValueError(f"{cfg}: the cluster reduction needs wgs == 1, split_k 2, 4 or 8 and ctas a multiple of it")
+    if cfg.cluster and token_tile(m) > CLUSTER_MAX_TILE:
+        raise ValueError(f"{cfg}: cluster reduction is verified up to {CLUSTER_MAX_TILE}-token tiles, not {token_tile(m)}")
     need = smem_bytes(token_tile(m), cfg.bk, cfg.stages, out_bytes, 32 if mx else 16, cfg.wgs)
+    need += ROWS * token_tile(m) * 4 if cfg.cluster else 0  # the partial each cluster rank leaves
     if need > SMEM_LIMIT:
         raise ValueError(
             f"{cfg} needs {need / 1024:.0f} KiB of shared memory for {m} tokens (at most {SMEM_LIMIT // 1024} KiB): "
@@ -450,10 +465,15 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
     fused = epilogue is not None
     biased = fused and epilogue.shape[0] == 2
     nt, mtiles = np_ // rows, mp // mt
-    units = work_units(m, np_, split, wgs)
-    ctas = min(units, cfg.ctas) if cfg.ctas > 0 else units
+    cl = cfg.cluster
+    if cl:  # units of one K split; grid axis "c" counts clusters of split CTAs (axis "s": the K split)
+        units = work_units(m, np_, 1, wgs)
+        ctas = min(units, cfg.ctas // split) if cfg.ctas > 0 else units
+    else:
+        units = work_units(m, np_, split, wgs)
+        ctas = min(units, cfg.ctas) if cfg.ctas > 0 else units
 
-    def kernel(x_gmem, w_gmem, s_gmem, *refs, o_smem):
+    def kernel(x_gmem, w_gmem, s_gmem, *refs, o_smem, **red):
         e_gmem, refs = (refs[0], refs[1:]) if fused else (None, refs)
         (pw_gmem, ps_gmem, o_gmem) = refs if prefetch is not None else (None, None, *refs)
         c = lax.axis_index("c")
@@ -461,7 +481,8 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
 
         def unit(t):
             u = c + t * ctas
-            return u % nt, (u // nt) % mtiles, u // (nt * mtiles)  # ni, mi, si
+            si = lax.axis_index("s") if cl else u // (nt * mtiles)
+            return u % nt, (u // nt) % mtiles, si  # ni, mi, si
 
         def kstep(t, j):
             return unit(t)[2] * steps + j
@@ -487,6 +508,9 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
                     plgpu.wgmma_wait(0)
                 res = acc[...]
                 acc[...] = plgpu.layout_cast(jnp.zeros((ROWS, mt), jnp.float32), plgpu.Layout.WGMMA)
+                if cl:
+                    reduce_and_store(res, ni, mi, e_smem)
+                    return
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last unit's store has read o_smem
                 o = o_smem.at[g] if wgs > 1 else o_smem
                 row0 = ni * rows + g * ROWS
@@ -505,6 +529,35 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
                     o[...] = res
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(o, o_gmem.at[si, pl.ds(row0, ROWS), pl.ds(mi * mt, mt)])
+
+        def reduce_and_store(res, ni, mi, e_smem):
+            """Cluster reduction (``cfg.cluster``): every rank leaves its partial in its ``r_smem``;
+            after the cluster barrier rank 0 adds the others' (distributed shared memory, rank
+            order), applies the epilogue and stores the tile; a second barrier keeps each rank's
+            ``r_smem`` (and the CTA itself) alive until rank 0 has read it."""
+            r_smem, bar = red["r_smem"], red["bar"]
+            r_smem[...] = res
+            plgpu.commit_smem()  # every thread's part stored before this warpgroup arrives
+            plgpu.barrier_arrive(bar)
+            plgpu.barrier_wait(bar)
+
+            @pl.when(lax.axis_index("s") == 0)
+            def _():
+                tot = res
+                for r in range(1, split):
+                    tot = tot + plgpu.load(plgpu.cluster_ref(r_smem, {"s": r}), (), layout=plgpu.Layout.WGMMA)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                y = tot * lax.broadcast_in_dim(plgpu.load(e_smem.at[0], (), layout=_ROW_LAYOUT), (ROWS, mt), (0,))
+                if biased:
+                    y = y + lax.broadcast_in_dim(plgpu.load(e_smem.at[1], (), layout=_ROW_LAYOUT), (ROWS, mt), (0,))
+                plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(
+                    y.astype(out_dtype), plgpu.Layout.WGMMA_TRANSPOSED
+                )
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(mi * mt, mt), pl.ds(ni * rows, ROWS)])
+
+            plgpu.barrier_arrive(bar)
+            plgpu.barrier_wait(bar)
 
         x_swz, w_swz = _swizzled(jnp.bfloat16, 128), _swizzled(jnp.uint8, 64)
         # The activation tile is read by wgmma from shared memory: released once no wgmma of its
@@ -553,15 +606,17 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
                 max_concurrent_steps=cfg.stages,
                 compute_context=compute,
             )(*gmem)
-        if prefetch is not None:
-            prefetch_tiles(prefetch[0], pw_gmem, ps_gmem, c)
+        if prefetch is not None:  # each CTA of a cluster takes its own share
+            prefetch_tiles(prefetch[0], pw_gmem, ps_gmem, c * split + lax.axis_index("s") if cl else c)
         plgpu.wait_smem_to_gmem(0)
 
     def prefetch_tiles(plan: L2Prefetch, pw_gmem, ps_gmem, c):
         """CTA ``c``'s share of ``plan``'s tiles: items ``c, c + ctas, ...`` (:meth:`L2Prefetch.tile`)."""
 
+        grid = ctas * split if cl else ctas
+
         def issue(r, carry):
-            i = c + r * ctas
+            i = c + r * grid
             s, c2 = i // plan.ctas, i % plan.ctas
             u = c2 + (s // plan.steps) * plan.ctas
 
@@ -575,7 +630,7 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
 
             return carry
 
-        lax.fori_loop(0, -(-plan.count // ctas), issue, 0)
+        lax.fori_loop(0, -(-plan.count // grid), issue, 0)
 
     if fused:
         out_type = jax.ShapeDtypeStruct((mp, np_), out_dtype)
@@ -589,12 +644,18 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
         args = (*args, *prefetch[1:])
     o_smem = plgpu.SMEM(((wgs,) if wgs > 1 else ()) + o_shape, o_dtype, transforms=o_tf)
     threads = dict(num_threads=wgs + 1, thread_name="wg") if wgs > 1 else {}
+    scratch = dict(o_smem=o_smem)
+    if cl:
+        threads.update(cluster=(split,), cluster_names=("s",))
+        scratch.update(
+            r_smem=plgpu.SMEM((ROWS, mt), jnp.float32), bar=plgpu.ClusterBarrier(collective_axes=("s",), num_arrivals=1)
+        )
     f = plgpu.kernel(
         kernel,
         out_type=out_type,
         grid=(ctas,),
         grid_names=("c",),
-        scratch_types=dict(o_smem=o_smem),
+        scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
         **threads,
     )
@@ -628,6 +689,8 @@ def fp4_matmul_partials_mgpu(
     kernel codes and scales, of which the tiles ``prefetch_plan`` names are asked into L2 as the
     CTAs finish (:class:`L2Prefetch`; one-warpgroup configs only); no effect on the result."""
     pf = _prefetch_operands(prefetch, prefetch_plan)
+    if cfg.cluster:
+        raise ValueError(f"{cfg}: the cluster reduction writes the fused output (fp4_matmul_fused_mgpu)")
     _check(x, codes, cfg, 4, mx, pf)
     return _build(x, codes, scales_t, None, cfg=cfg, mx=mx, out_dtype=jnp.float32, prefetch=pf)
 
@@ -669,8 +732,8 @@ def fp4_matmul_fused_mgpu(
     arguments as :func:`fp4_matmul_partials_mgpu`."""
     pf = _prefetch_operands(prefetch, prefetch_plan)
     _check(x, codes, cfg, jnp.dtype(out_dtype).itemsize, mx, pf)
-    if cfg.split_k != 1:
-        raise ValueError(f"the fused epilogue needs split_k == 1, got {cfg}")
+    if cfg.split_k != 1 and not cfg.cluster:
+        raise ValueError(f"the fused epilogue needs split_k == 1 or the cluster reduction, got {cfg}")
     if epilogue.dtype != jnp.float32 or epilogue.shape not in ((1, codes.shape[0]), (2, codes.shape[0])):
         raise ValueError(f"epilogue must be float32 (1 or 2, {codes.shape[0]}), got {epilogue.dtype}{epilogue.shape}")
     return _build(x, codes, scales_t, epilogue, cfg=cfg, mx=mx, out_dtype=jnp.dtype(out_dtype), prefetch=pf)

@@ -263,6 +263,7 @@ def choose_mgpu_config(m: int, n: int, k: int, fmt: FP4Format = FP4Format.NVFP4,
         split *= 2
     ks = k // split
     bk, stages = (512, 3) if ks % 512 == 0 and ks >= 2048 else (256, 4) if ks % 256 == 0 else (128, 4)
+    ob_fused = out_bytes
     out_bytes = out_bytes if split == 1 else 4  # the fused epilogue's output tile, else float32 partials
     while K.smem_bytes(mt, bk, stages, out_bytes) > K.SMEM_LIMIT // 2 and (stages > 2 or bk > K.SUB_K):
         if stages > 2:
@@ -271,11 +272,26 @@ def choose_mgpu_config(m: int, n: int, k: int, fmt: FP4Format = FP4Format.NVFP4,
             bk //= 2
     units = tiles * split
     if units <= 3 * sms:  # one CTA per unit: the GPU packs as many per SM as fit
-        return K.MgpuConfig(bk, split, stages, ctas=units)
+        # Two K splits: summed in the kernel by clusters of two CTAs (CLUSTER_SPLITS), where the
+        # output tile and the partial fit beside the pipeline.
+        smem = K.smem_bytes(mt, bk, stages, ob_fused) + K.ROWS * mt * 4
+        cluster = split in CLUSTER_SPLITS and mt <= CLUSTER_MAX_TOKENS and smem <= K.SMEM_LIMIT // 2
+        return K.MgpuConfig(bk, split, stages, ctas=units, cluster=cluster)
     resident = max(1, min(2, K.SMEM_LIMIT // K.smem_bytes(mt, bk, stages, out_bytes)))  # CTAs per SM
     per_cta = -(-units // (resident * sms))
     return K.MgpuConfig(bk, split, stages, ctas=-(-units // per_cta))
 
+
+# K splits whose partials the heuristic sums in the kernel, by a cluster of that many CTAs through
+# distributed shared memory (``MgpuConfig.cluster``), rather than by an XLA fusion after it.
+# Measured on the H100 (kernels/tune_mgpu.py --compare-cluster, GPU time of the layer, session 19):
+# 8192 x 8192 at split 2: M = 1 19.3 -> 18.1 us, M = 16 19.9 -> 18.5; clusters of 4 lost at every
+# shape tried (M = 1: 4096 x 6144 9.6 -> 10.1, 4096 x 4096 7.4 -> 8.0, 14336 x 4096 16.5 -> 19.9;
+# M = 16: 10.2 -> 12.0, 8.0 -> 8.1, 17.5 -> 22.2): the cluster barriers cost more than the sum.
+CLUSTER_SPLITS = (2,)
+# Token tiles up to which it does: measured at M = 1 and 16 only, and w4a16_mgpu refuses tiles of
+# more than CLUSTER_MAX_TILE tokens (see there).
+CLUSTER_MAX_TOKENS = 16
 
 # Tokens from which the heuristic picks the warp-specialized kernel form (two consumer warpgroups
 # share each activation tile, so activations are read from L2 half as often, and one warpgroup's
@@ -479,7 +495,7 @@ def mgpu_linear(
     # only to what Mosaic GPU's tiling needs; K is padded to the layout's.
     mi = w4a16_mgpu.input_rows(m)
     xp = jnp.pad(x2, ((0, mi - m), (0, kp - x2.shape[1]))) if (mi, kp) != x2.shape else x2
-    if cfg.split_k == 1:
+    if cfg.split_k == 1 or cfg.cluster:
         b = None if bias is None else jnp.pad(bias.astype(jnp.float32), (0, np_ - layout.n))
         rows = w4a16_mgpu.epilogue_rows(layout.row_scale, b)
         y = w4a16_mgpu.fp4_matmul_fused_mgpu(

@@ -292,6 +292,9 @@ def test_mgpu_kernel_lowers_for_cuda_on_cpu_install(mx):
         (1, 384, 1024, K.MgpuConfig(256, 1, 3, ctas=2, wgs=2)),  # 3 units over 2 CTAs
         (304, 128, 512, K.MgpuConfig(128, 1, 2, wgs=2)),
         (1, 384, 1024, K.MgpuConfig(256, 2, 3, ctas=2, wgs=2, inflight=1)),
+        # Split K summed through distributed shared memory by clusters of split_k CTAs.
+        (1, 256, 1024, K.MgpuConfig(256, 2, 4, cluster=True)),
+        (16, 448, 2048, K.MgpuConfig(256, 4, 4, ctas=12, cluster=True)),
     ]
     for m, n, k, cfg in cases:
         args = [
@@ -299,7 +302,7 @@ def test_mgpu_kernel_lowers_for_cuda_on_cpu_install(mx):
             jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
             jax.ShapeDtypeStruct((k // blk, n), jnp.uint8),
         ]
-        if cfg.split_k == 1:
+        if cfg.split_k == 1 or cfg.cluster:
             args += [jax.ShapeDtypeStruct((1 + (m % 2 == 0), n), jnp.float32)]  # with and without a bias row
             f = jax.jit(lambda *a, cfg=cfg: K.fp4_matmul_fused_mgpu(*a, cfg=cfg, mx=mx))
             out = (K.padded_tokens(m), n)
@@ -320,6 +323,10 @@ def test_mgpu_kernel_lowers_for_cuda_on_cpu_install(mx):
         (5, 512, K.MgpuConfig(256, 1, 1, inflight=1), False, "inflight"),  # needs a second stage
         (5, 512, K.MgpuConfig(256, 1, 2, wgs=2), False, "bad shapes"),  # 64 rows: no 128-row tile
         (5, 512, K.MgpuConfig(256, 1, 2, wgs=3), False, "wgs must be"),
+        (5, 512, K.MgpuConfig(256, 2, 2, cluster=True), False, "fused output"),  # no partials to write
+        (5, 768, K.MgpuConfig(256, 3, 2, cluster=True), True, "cluster reduction needs"),
+        (5, 512, K.MgpuConfig(256, 2, 2, ctas=3, cluster=True), True, "cluster reduction needs"),
+        (64, 512, K.MgpuConfig(256, 2, 2, cluster=True), True, "verified up to 40"),
     ],
 )
 def test_mgpu_kernel_rejects_bad_shapes(m, k, cfg, fused, match):
@@ -364,6 +371,11 @@ def test_mgpu_kernel_rejects_bad_shapes(m, k, cfg, fused, match):
         (8, 512, 4096, K.MgpuConfig(256, 4, 8, ctas=3, wgs=2)),  # deeper than a unit
         (16, 384, 2048, K.MgpuConfig(512, 1, 4, ctas=2, wgs=2, inflight=1)),
         (300, 256, 1024, K.MgpuConfig(128, 1, 2, ctas=3, wgs=2, inflight=1)),
+        # Split K summed in the kernel by clusters (rank 0 reads the others' partials).
+        (1, 320, 1024, K.MgpuConfig(256, 2, 3, cluster=True)),  # one cluster per unit
+        (16, 448, 2048, K.MgpuConfig(256, 4, 4, ctas=12, cluster=True)),  # 7 units over 3 clusters
+        (40, 128, 4096, K.MgpuConfig(256, 8, 2, ctas=8, cluster=True)),  # clusters of 8
+        (8, 192, 2048, K.MgpuConfig(256, 4, 2, ctas=8, cluster=True, inflight=1)),
     ],
 )
 def test_mgpu_kernel_equals_exact_product_on_gpu(fmt, m, n, k, cfg):
@@ -380,7 +392,7 @@ def test_mgpu_kernel_equals_exact_product_on_gpu(fmt, m, n, k, cfg):
     w = np.asarray(jaxfp4.dequantize(q, dtype=jnp.float32), np.float64)
     xf = np.asarray(x.astype(jnp.float32), np.float64)
     mag = np.abs(xf) @ np.abs(w).T
-    if cfg.split_k == 1:
+    if cfg.split_k == 1 or cfg.cluster:
         alpha = jax.random.uniform(jax.random.key(1), (n,), jnp.float32, 0.5, 2.0)
         bias = jax.random.normal(jax.random.key(2), (n,), jnp.float32)
         a = np.asarray(alpha, np.float64)
