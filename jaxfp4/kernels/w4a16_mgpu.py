@@ -136,14 +136,18 @@ class L2Prefetch:
     ctas: int
     count: int
 
+    def place(self, i):
+        """Item ``i``'s ``(unit, row tile, K step)`` (Python ints, or traced ones in the kernel);
+        the unit may not exist (``>= units``)."""
+        s, c2 = i // self.ctas, i % self.ctas
+        u = c2 + (s // self.steps) * self.ctas
+        return u, u % self.row_tiles, (u // (self.row_tiles * self.token_tiles)) * self.steps + s % self.steps
+
     def tile(self, i: int) -> tuple[int, int] | None:
         """Item ``i``'s (row tile, K step), or None where its unit does not exist (the last
-        time slots of a grid whose CTAs have unequal shares). The kernel computes the same."""
-        s, c2 = divmod(i, self.ctas)
-        u = c2 + (s // self.steps) * self.ctas
-        if u >= self.units:
-            return None
-        return u % self.row_tiles, (u // (self.row_tiles * self.token_tiles)) * self.steps + s % self.steps
+        time slots of a grid whose CTAs have unequal shares)."""
+        u, ni, kk = self.place(i)
+        return None if u >= self.units else (ni, kk)
 
 
 def token_tile(m: int) -> int:
@@ -509,32 +513,39 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
                 res = acc[...]
                 acc[...] = plgpu.layout_cast(jnp.zeros((ROWS, mt), jnp.float32), plgpu.Layout.WGMMA)
                 if cl:
-                    reduce_and_store(res, ni, mi, e_smem)
-                    return
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last unit's store has read o_smem
-                o = o_smem.at[g] if wgs > 1 else o_smem
-                row0 = ni * rows + g * ROWS
-                if fused:
-                    mult = lax.broadcast_in_dim(plgpu.load(e_smem.at[0, rs], (), layout=_ROW_LAYOUT), (ROWS, mt), (0,))
-                    y = res * mult
-                    if biased:
-                        bias = plgpu.load(e_smem.at[1, rs], (), layout=_ROW_LAYOUT)
-                        y = y + lax.broadcast_in_dim(bias, (ROWS, mt), (0,))
-                    y = y.astype(out_dtype)
-                    # Stored transposed ([tokens, rows]): the output is (M, N) like the xla path's.
-                    plgpu.transpose_ref(o, (1, 0))[...] = plgpu.layout_cast(y, plgpu.Layout.WGMMA_TRANSPOSED)
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(o, o_gmem.at[pl.ds(mi * mt, mt), pl.ds(row0, ROWS)])
+                    reduce_and_store(res, ni, mi, si, e_smem)
                 else:
-                    o[...] = res
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(o, o_gmem.at[si, pl.ds(row0, ROWS), pl.ds(mi * mt, mt)])
+                    store_tile(res, ni, mi, si, e_smem, g, rs)
 
-        def reduce_and_store(res, ni, mi, e_smem):
+        def store_tile(res, ni, mi, si, e_smem, g, rs):
+            """Compute warpgroup ``g``'s float32 tile sums ``res`` of unit ``(ni, mi, si)`` to the
+            output: with the epilogue (row multipliers ``rs`` of the stage's epilogue rows, bias,
+            rounding) transposed into the ``(Mp, Np)`` output when fused, else as split ``si``'s
+            partial tile."""
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last unit's store has read o_smem
+            o = o_smem.at[g] if wgs > 1 else o_smem
+            row0 = ni * rows + g * ROWS
+            if fused:
+                mult = lax.broadcast_in_dim(plgpu.load(e_smem.at[0, rs], (), layout=_ROW_LAYOUT), (ROWS, mt), (0,))
+                y = res * mult
+                if biased:
+                    bias = plgpu.load(e_smem.at[1, rs], (), layout=_ROW_LAYOUT)
+                    y = y + lax.broadcast_in_dim(bias, (ROWS, mt), (0,))
+                y = y.astype(out_dtype)
+                # Stored transposed ([tokens, rows]): the output is (M, N) like the xla path's.
+                plgpu.transpose_ref(o, (1, 0))[...] = plgpu.layout_cast(y, plgpu.Layout.WGMMA_TRANSPOSED)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o, o_gmem.at[pl.ds(mi * mt, mt), pl.ds(row0, ROWS)])
+            else:
+                o[...] = res
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o, o_gmem.at[si, pl.ds(row0, ROWS), pl.ds(mi * mt, mt)])
+
+        def reduce_and_store(res, ni, mi, si, e_smem):
             """Cluster reduction (``cfg.cluster``): every rank leaves its partial in its ``r_smem``;
             after the cluster barrier rank 0 adds the others' (distributed shared memory, rank
-            order), applies the epilogue and stores the tile; a second barrier keeps each rank's
-            ``r_smem`` (and the CTA itself) alive until rank 0 has read it."""
+            order) and stores the sum through the fused epilogue (:func:`store_tile`); a second
+            barrier keeps each rank's ``r_smem`` (and the CTA itself) alive until rank 0 has read it."""
             r_smem, bar = red["r_smem"], red["bar"]
             r_smem[...] = res
             plgpu.commit_smem()  # every thread's part stored before this warpgroup arrives
@@ -546,15 +557,7 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
                 tot = res
                 for r in range(1, split):
                     tot = tot + plgpu.load(plgpu.cluster_ref(r_smem, {"s": r}), (), layout=plgpu.Layout.WGMMA)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                y = tot * lax.broadcast_in_dim(plgpu.load(e_smem.at[0], (), layout=_ROW_LAYOUT), (ROWS, mt), (0,))
-                if biased:
-                    y = y + lax.broadcast_in_dim(plgpu.load(e_smem.at[1], (), layout=_ROW_LAYOUT), (ROWS, mt), (0,))
-                plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(
-                    y.astype(out_dtype), plgpu.Layout.WGMMA_TRANSPOSED
-                )
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(mi * mt, mt), pl.ds(ni * rows, ROWS)])
+                store_tile(tot, ni, mi, si, e_smem, 0, slice(None))
 
             plgpu.barrier_arrive(bar)
             plgpu.barrier_wait(bar)
@@ -617,13 +620,11 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
 
         def issue(r, carry):
             i = c + r * grid
-            s, c2 = i // plan.ctas, i % plan.ctas
-            u = c2 + (s // plan.steps) * plan.ctas
+            u, ni, kk = plan.place(i)
 
             @pl.when((i < plan.count) & (u < plan.units))
             def _():
-                row0 = (u % plan.row_tiles) * plan.rows
-                kk = (u // (plan.row_tiles * plan.token_tiles)) * plan.steps + s % plan.steps
+                row0 = ni * plan.rows
                 plgpu.async_prefetch(pw_gmem.at[pl.ds(row0, plan.rows), pl.ds(kk * (plan.bk // 2), plan.bk // 2)])
                 nb = plan.bk // plan.block
                 plgpu.async_prefetch(ps_gmem.at[pl.ds(kk * nb, nb), pl.ds(row0, plan.rows)])

@@ -263,9 +263,8 @@ def choose_mgpu_config(m: int, n: int, k: int, fmt: FP4Format = FP4Format.NVFP4,
         split *= 2
     ks = k // split
     bk, stages = (512, 3) if ks % 512 == 0 and ks >= 2048 else (256, 4) if ks % 256 == 0 else (128, 4)
-    ob_fused = out_bytes
-    out_bytes = out_bytes if split == 1 else 4  # the fused epilogue's output tile, else float32 partials
-    while K.smem_bytes(mt, bk, stages, out_bytes) > K.SMEM_LIMIT // 2 and (stages > 2 or bk > K.SUB_K):
+    out_tile = out_bytes if split == 1 else 4  # the fused epilogue's output tile, else float32 partials
+    while K.smem_bytes(mt, bk, stages, out_tile) > K.SMEM_LIMIT // 2 and (stages > 2 or bk > K.SUB_K):
         if stages > 2:
             stages -= 1
         else:
@@ -274,10 +273,10 @@ def choose_mgpu_config(m: int, n: int, k: int, fmt: FP4Format = FP4Format.NVFP4,
     if units <= 3 * sms:  # one CTA per unit: the GPU packs as many per SM as fit
         # Two K splits: summed in the kernel by clusters of two CTAs (CLUSTER_SPLITS), where the
         # output tile and the partial fit beside the pipeline.
-        smem = K.smem_bytes(mt, bk, stages, ob_fused) + K.ROWS * mt * 4
+        smem = K.smem_bytes(mt, bk, stages, out_bytes) + K.ROWS * mt * 4
         cluster = split in CLUSTER_SPLITS and mt <= CLUSTER_MAX_TOKENS and smem <= K.SMEM_LIMIT // 2
         return K.MgpuConfig(bk, split, stages, ctas=units, cluster=cluster)
-    resident = max(1, min(2, K.SMEM_LIMIT // K.smem_bytes(mt, bk, stages, out_bytes)))  # CTAs per SM
+    resident = max(1, min(2, K.SMEM_LIMIT // K.smem_bytes(mt, bk, stages, out_tile)))  # CTAs per SM
     per_cta = -(-units // (resident * sms))
     return K.MgpuConfig(bk, split, stages, ctas=-(-units // per_cta))
 
