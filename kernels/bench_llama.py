@@ -64,7 +64,7 @@ def llama3_8b(layers: int, vocab: int) -> dict:
 def model_arguments(ap: argparse.ArgumentParser, steps: int) -> None:
     """The lab's shared model options: ``--layers``, ``--vocab`` (of :func:`llama3_8b`),
     ``--context`` (where decoding starts), ``--steps`` (decode steps per timed call) and the
-    model's ``--attention``, ``--norm`` and ``--prefetch`` options (``Llama``'s arguments; see
+    model's ``--attention``, ``--norm``, ``--prefetch`` and ``--defer`` options (``Llama``'s arguments; see
     :func:`model_options`)."""
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=128256)
@@ -80,6 +80,14 @@ def model_arguments(ap: argparse.ArgumentParser, steps: int) -> None:
         help="the model's L2 prefetch hints between linear layers: 0 off, 1 on (default: on a GPU)",
     )
     ap.add_argument(
+        "--defer",
+        type=int,
+        default=1,
+        choices=(0, 1),
+        help="1: o_proj / down_proj hand their split-K partials to the norm kernel (the model's way); "
+        "0: every linear layer sums its own (XLA), for an A/B",
+    )
+    ap.add_argument(
         "--prefetch-mb",
         type=float,
         default=None,
@@ -89,9 +97,13 @@ def model_arguments(ap: argparse.ArgumentParser, steps: int) -> None:
 
 def model_options(args) -> dict:
     """``Llama``'s keyword arguments from :func:`model_arguments`' options (``--prefetch-mb`` sets
-    ``jaxfp4.ops.pallas.L2_PREFETCH_BYTES``, which is read when a call is traced)."""
+    ``jaxfp4.ops.pallas.L2_PREFETCH_BYTES``, which is read when a call is traced; ``--defer 0``
+    makes every ``Fp4Linear.deferred`` in this process a plain call)."""
+    from jaxfp4.nn import Fp4Linear
     from jaxfp4.ops import pallas
 
+    if not args.defer:  # a lab switch: Fp4Linear.deferred becomes a plain call in this process
+        Fp4Linear.deferred = lambda self, x, *, prefetch=None: self(x, prefetch=prefetch)
     if args.prefetch_mb is not None:
         pallas.L2_PREFETCH_BYTES = int(args.prefetch_mb * (1 << 20))
     prefetch = None if args.prefetch is None else bool(args.prefetch)

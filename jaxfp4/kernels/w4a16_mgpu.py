@@ -14,7 +14,8 @@ overlaps the other's wgmma; the form for M above ~64). Two outputs:
   multipliers (global scale x ``2**c``), plus the bias if any, rounded to the output dtype and
   stored transposed, so the result is ``(M, N)`` like the reference;
 * :func:`fp4_matmul_partials_mgpu` (split-K, for decode shapes with too few row tiles to fill
-  the GPU): float32 partials ``[split, N, M]`` times ``2**-c``; the caller sums, transposes and
+  the GPU): float32 partials ``[split, M, N]`` times ``2**-c`` (stored transposed like the fused
+  output, so that one token's partials are contiguous rows); the caller sums them and
   applies the epilogue.
 
 ``c`` = 8 (E4M3 scales) or 7 (E8M0) keeps the expanded weights in bf16's normal range (below).
@@ -168,10 +169,13 @@ def padded_tokens(m: int) -> int:
     return -(-m // mt) * mt
 
 
-# Largest token tile the cluster reduction (MgpuConfig.cluster) runs with: its exactness tests pass
-# on the H100 with 8, 16 and 40-token tiles, while 64-token tiles (fp4_linear at M = 64, split 2,
-# every recipe) disagreed with the xla path there (session 19, not yet understood).
-CLUSTER_MAX_TILE = 40
+# Largest token tile the cluster reduction (MgpuConfig.cluster) is verified with. Session 19 saw
+# 64-token tiles fail; the cause (session 20, kernels/probe_cluster_tile.py): Mosaic GPU on jax
+# 0.11.2 could not compile the store of a (64, 64) float32 partial into plain shared memory ("Failed
+# to synthesize a transfer pattern that avoids bank conflicts"). Partials whose rows are whole
+# 128-byte lines are now stored swizzled, and tiles of 16 to 128 tokens (32, 40, 56, 64, 96, 128
+# included) equal the one-split kernel there; larger tiles leave no room for it in shared memory.
+CLUSTER_MAX_TILE = 128
 
 SMEM_LIMIT = 227 * 1024  # shared memory one Hopper CTA may use (bytes)
 
@@ -525,21 +529,20 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last unit's store has read o_smem
             o = o_smem.at[g] if wgs > 1 else o_smem
             row0 = ni * rows + g * ROWS
+            y = res
             if fused:
                 mult = lax.broadcast_in_dim(plgpu.load(e_smem.at[0, rs], (), layout=_ROW_LAYOUT), (ROWS, mt), (0,))
-                y = res * mult
+                y = y * mult
                 if biased:
                     bias = plgpu.load(e_smem.at[1, rs], (), layout=_ROW_LAYOUT)
                     y = y + lax.broadcast_in_dim(bias, (ROWS, mt), (0,))
                 y = y.astype(out_dtype)
-                # Stored transposed ([tokens, rows]): the output is (M, N) like the xla path's.
-                plgpu.transpose_ref(o, (1, 0))[...] = plgpu.layout_cast(y, plgpu.Layout.WGMMA_TRANSPOSED)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o, o_gmem.at[pl.ds(mi * mt, mt), pl.ds(row0, ROWS)])
-            else:
-                o[...] = res
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o, o_gmem.at[si, pl.ds(row0, ROWS), pl.ds(mi * mt, mt)])
+            # Stored transposed ([tokens, rows]): the output is (M, N) like the xla path's, and a
+            # token's split-K partials are contiguous rows (what a consumer summing them reads).
+            plgpu.transpose_ref(o, (1, 0))[...] = plgpu.layout_cast(y, plgpu.Layout.WGMMA_TRANSPOSED)
+            plgpu.commit_smem()
+            tile = (pl.ds(mi * mt, mt), pl.ds(row0, ROWS))
+            plgpu.copy_smem_to_gmem(o, o_gmem.at[tile] if fused else o_gmem.at[(si, *tile)])
 
         def reduce_and_store(res, ni, mi, si, e_smem):
             """Cluster reduction (``cfg.cluster``): every rank leaves its partial in its ``r_smem``;
@@ -633,14 +636,10 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
 
         lax.fori_loop(0, -(-plan.count // grid), issue, 0)
 
-    if fused:
-        out_type = jax.ShapeDtypeStruct((mp, np_), out_dtype)
-        o_shape, o_dtype, o_tf = (mt, ROWS), out_dtype, _swizzled(out_dtype, 128)
-        args = (x, codes, scales_t, epilogue)
-    else:
-        out_type = jax.ShapeDtypeStruct((split, np_, mp), jnp.float32)
-        o_shape, o_dtype, o_tf = (ROWS, mt), jnp.float32, ()
-        args = (x, codes, scales_t)
+    o_dtype = out_dtype if fused else jnp.float32
+    out_type = jax.ShapeDtypeStruct((mp, np_) if fused else (split, mp, np_), o_dtype)
+    o_shape, o_tf = (mt, ROWS), _swizzled(o_dtype, 128)
+    args = (x, codes, scales_t, epilogue) if fused else (x, codes, scales_t)
     if prefetch is not None:
         args = (*args, *prefetch[1:])
     o_smem = plgpu.SMEM(((wgs,) if wgs > 1 else ()) + o_shape, o_dtype, transforms=o_tf)
@@ -648,8 +647,12 @@ def _build(x, codes, scales_t, epilogue, *, cfg: MgpuConfig, mx: bool, out_dtype
     scratch = dict(o_smem=o_smem)
     if cl:
         threads.update(cluster=(split,), cluster_names=("s",))
+        # The partial each rank leaves: swizzled where its rows are whole 128-byte lines (Mosaic GPU
+        # found no conflict-free store of the plain (64, 64) float32 tile on jax 0.11.2).
+        r_tf = _swizzled(jnp.float32, 128) if mt % 32 == 0 else ()
         scratch.update(
-            r_smem=plgpu.SMEM((ROWS, mt), jnp.float32), bar=plgpu.ClusterBarrier(collective_axes=("s",), num_arrivals=1)
+            r_smem=plgpu.SMEM((ROWS, mt), jnp.float32, transforms=r_tf),
+            bar=plgpu.ClusterBarrier(collective_axes=("s",), num_arrivals=1),
         )
     f = plgpu.kernel(
         kernel,
@@ -680,8 +683,9 @@ def fp4_matmul_partials_mgpu(
     mx: bool,
     prefetch_plan: L2Prefetch | None = None,
 ) -> jax.Array:
-    """Split-K partials ``[split_k, Np, Mp]`` float32 of ``(Q * S) @ X.T * 2**-c`` (the caller sums
-    them, transposes and multiplies ``2**c`` back); ``Mp = padded_tokens(M)``.
+    """Split-K partials ``[split_k, Mp, Np]`` float32 of ``X @ (Q * S).T * 2**-c`` (the caller sums
+    them and multiplies ``2**c`` back); ``Mp = padded_tokens(M)``; token ``m``'s partials of
+    split ``s`` are the contiguous row ``[s, m, :]``.
 
     ``x`` bf16 ``(M, K)`` (natural K order; ``M == input_rows(M)``: rows up to
     :func:`padded_tokens` are read as zeros by the TMA copies); ``codes`` uint8

@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 from jaxfp4.checkpoint import Checkpoint
 from jaxfp4.kernels import attn_triton, norm_triton
 from jaxfp4.nn import Fp4Linear
-from jaxfp4.ops import concat_biases, concat_params, fusion_blocker, prepare_weights
+from jaxfp4.ops import SplitKSum, concat_biases, concat_params, fusion_blocker, prepare_weights
 from jaxfp4.ops.pallas import interpreting, kernels_run_here
 from jaxfp4.sharding import (
     LLAMA_PLAN,
@@ -223,12 +223,14 @@ class Projections(nnx.Module):
         return split_columns(linear(self.layers[0], x, prefetch), self.sizes, self.shards)
 
 
-def linear(layer: nnx.Module, x: jax.Array, prefetch: nnx.Module | None) -> jax.Array:
+def linear(layer: nnx.Module, x: jax.Array, prefetch: nnx.Module | None, defer: bool = False) -> jax.Array | SplitKSum:
     """``layer(x)``; an :class:`Fp4Linear` also gets the layer that runs next (``prefetch``, if
     it is one too), whose weight's first tiles its kernel asks into L2 as it finishes
-    (:func:`jaxfp4.fp4_linear`'s ``prefetch``; None: no hint)."""
-    if isinstance(layer, Fp4Linear) and isinstance(prefetch, Fp4Linear):
-        return layer(x, prefetch=prefetch)
+    (:func:`jaxfp4.fp4_linear`'s ``prefetch``; None: no hint), and with ``defer`` may return its
+    output before the split-K sum (:meth:`Fp4Linear.deferred`) for the norm kernel to sum."""
+    if isinstance(layer, Fp4Linear):
+        hint = prefetch if isinstance(prefetch, Fp4Linear) else None
+        return layer.deferred(x, prefetch=hint) if defer else layer(x, prefetch=hint)
     return layer(x)
 
 
@@ -285,12 +287,15 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.add(x, None)[1]
 
-    def add(self, x: jax.Array, delta: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-        """``(x + delta, RMSNorm(x + delta))`` (``delta`` None: ``(x, RMSNorm(x))``)."""
+    def add(self, x: jax.Array, delta: jax.Array | SplitKSum | None) -> tuple[jax.Array, jax.Array]:
+        """``(x + delta, RMSNorm(x + delta))`` (``delta`` None: ``(x, RMSNorm(x))``; a
+        :class:`~jaxfp4.ops.SplitKSum`: its ``resolve()``, summed inside the kernel)."""
         w = self.weight.get_value()
         if self.kernel and norm_triton.supported(x.shape[-1], x.dtype):
             _require_kernels("norm")
             return norm_triton.add_rms_norm(x, delta, w, eps=self.eps, interpret=interpreting())
+        if isinstance(delta, SplitKSum):
+            delta = delta.resolve()
         return add_rms_norm(x, delta, w, self.eps)
 
 
@@ -396,8 +401,10 @@ class Attention(nnx.Module):
         prepare: bool,
         kernel: bool = False,
         hints: bool = False,
+        defer: bool = False,
     ):
         self.cfg, self.hints = cfg, hints
+        self.defer = defer  # o_proj's output may stay split-K partials (the next norm kernel sums them)
         self.qkv = Projections(ckpt, [f"{prefix}.{n}_proj" for n in "qkv"], backend, tp, fuse=fuse, prepare=prepare)
         self.o_proj = linear_from_checkpoint(ckpt, f"{prefix}.o_proj", backend, tp, prepare)
         self.kernel = kernel
@@ -418,7 +425,7 @@ class Attention(nnx.Module):
             o, kv = attend_decode(q, k, v, cos, sin, kv, pos, interpret=interpreting())
         else:
             o, kv = attend(q, k, v, cos, sin, kv, pos)
-        return linear(self.o_proj, o, prefetch if self.hints else None), kv
+        return linear(self.o_proj, o, prefetch if self.hints else None, self.defer), kv
 
 
 class MLP(nnx.Module):
@@ -432,8 +439,10 @@ class MLP(nnx.Module):
         fuse: bool,
         prepare: bool,
         hints: bool = False,
+        defer: bool = False,
     ):
         self.hints = hints
+        self.defer = defer  # down_proj's output may stay split-K partials (the next norm kernel sums them)
         modules = [f"{prefix}.gate_proj", f"{prefix}.up_proj"]
         self.gate_up = Projections(ckpt, modules, backend, tp, fuse=fuse, prepare=prepare)
         self.down_proj = linear_from_checkpoint(ckpt, f"{prefix}.down_proj", backend, tp, prepare)
@@ -445,7 +454,7 @@ class MLP(nnx.Module):
         g, up = self.gate_up(x, prefetch=self.down_proj if self.hints else None)
         g = g.astype(jnp.float32)
         act = (g / (1.0 + jnp.exp(-g))).astype(x.dtype)
-        return linear(self.down_proj, act * up, prefetch if self.hints else None)
+        return linear(self.down_proj, act * up, prefetch if self.hints else None, self.defer)
 
 
 class Block(nnx.Module):
@@ -468,8 +477,9 @@ class Block(nnx.Module):
         eps = cfg.rms_norm_eps
         self.input_layernorm = RMSNorm(ckpt.dense[f"{p}.input_layernorm.weight"], eps, norm_kernel)
         self.post_attention_layernorm = RMSNorm(ckpt.dense[f"{p}.post_attention_layernorm.weight"], eps, norm_kernel)
-        self.self_attn = Attention(ckpt, f"{p}.self_attn", cfg, backend, tp, **kw, kernel=attn_kernel)
-        self.mlp = MLP(ckpt, f"{p}.mlp", backend, tp, **kw)
+        # With the norm kernel, o_proj and down_proj may hand it their split-K partials unsummed.
+        self.self_attn = Attention(ckpt, f"{p}.self_attn", cfg, backend, tp, **kw, kernel=attn_kernel, defer=norm_kernel)
+        self.mlp = MLP(ckpt, f"{p}.mlp", backend, tp, **kw, defer=norm_kernel)
 
     def __call__(self, x, delta, cos, sin, kv: tuple[jax.Array, jax.Array], pos, prefetch: nnx.Module | None = None):
         """``x``: the residual stream before the previous layer's MLP output ``delta`` is added
@@ -504,9 +514,10 @@ class Llama(nnx.Module):
     Prompts (more than one token) always take :func:`attend`.
     ``norm``: ``"pallas"`` runs each residual add with the RMSNorm after it as one kernel
     (:func:`jaxfp4.kernels.norm_triton.add_rms_norm`; bf16/fp16, not under ``tp``; the residual
-    stream bit-equal to the ``"xla"`` path, the normalized values up to the float32 sum's order),
-    ``"xla"`` keeps it in jnp (:func:`add_rms_norm`); ``None``: ``"pallas"`` when the default
-    backend is a GPU and there is no ``tp``.
+    stream bit-equal to the ``"xla"`` path, the normalized values up to the float32 sum's order;
+    it also sums o_proj's and down_proj's split-K partials where their decode kernels split K,
+    :func:`jaxfp4.ops.fp4_linear_deferred`), ``"xla"`` keeps it in jnp (:func:`add_rms_norm`);
+    ``None``: ``"pallas"`` when the default backend is a GPU and there is no ``tp``.
     ``prefetch``: each quantized linear layer's decode kernel asks the L2 cache for the first
     weight tiles of the layer that runs after it as it finishes (``fp4_linear``'s ``prefetch``
     hint: q/k/v -> o_proj -> gate/up -> down_proj -> the next block's q/k/v), so that those HBM

@@ -22,13 +22,20 @@ from jaxfp4.formats import (
     quantize_nvfp4_llmcompressor,
     quantize_nvfp4_modelopt,
 )
-from jaxfp4.ops import Fp4LinearParams, KernelLayout, fp4_linear
+from jaxfp4.ops import Fp4LinearParams, KernelLayout, SplitKSum, fp4_linear, fp4_linear_deferred
 from jaxfp4.sharding import TensorParallel, shard_params, tp_linear
 
 
 class QuantizedParam(nnx.Param):
     """An NNX parameter holding a :class:`QuantizedTensor` (filter on this type to select,
     freeze or shard FP4 weights separately from float parameters)."""
+
+
+def _hint(prefetch: Fp4Linear | Fp4LinearParams | None) -> Fp4LinearParams | None:
+    """A next-layer hint as ``fp4_linear``'s ``prefetch`` (none for a tensor-parallel layer)."""
+    if isinstance(prefetch, Fp4Linear):
+        return None if prefetch.tp is not None else prefetch.params()
+    return prefetch
 
 
 class Fp4Linear(nnx.Module):
@@ -106,9 +113,16 @@ class Fp4Linear(nnx.Module):
         ignored under ``tp``)."""
         if self.tp is not None:
             return tp_linear(x, self.params(), self.tp, backend=self.backend)
-        if isinstance(prefetch, Fp4Linear):
-            prefetch = None if prefetch.tp is not None else prefetch.params()
-        return fp4_linear(x, self.params(), backend=self.backend, prefetch=prefetch)
+        return fp4_linear(x, self.params(), backend=self.backend, prefetch=_hint(prefetch))
+
+    def deferred(self, x: jax.Array, *, prefetch: Fp4Linear | Fp4LinearParams | None = None) -> jax.Array | SplitKSum:
+        """The layer's output, or where the Mosaic GPU kernel splits K (decode shapes, no bias)
+        its partials before their sum (:func:`jaxfp4.ops.fp4_linear_deferred`; ``resolve()`` is
+        the output bit for bit), for a consumer kernel that sums them itself. Under ``tp``: the
+        output. ``prefetch`` as in ``__call__``."""
+        if self.tp is not None:
+            return self(x)
+        return fp4_linear_deferred(x, self.params(), backend=self.backend, prefetch=_hint(prefetch))
 
     @classmethod
     def from_params(

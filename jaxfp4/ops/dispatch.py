@@ -93,3 +93,26 @@ def fp4_linear(
     chosen = select_backend(x, params, backend)
     with jax.named_scope(f"jaxfp4.{chosen.name}"):
         return chosen.forward(x, params, bias, jnp.dtype(x.dtype if out_dtype is None else out_dtype), prefetch)
+
+
+def fp4_linear_deferred(
+    x: jax.Array,
+    params: Fp4LinearParams,
+    *,
+    backend: str | None = None,
+    prefetch: Fp4LinearParams | None = None,
+) -> jax.Array | _pallas.SplitKSum:
+    """:func:`fp4_linear` (the params' bias, output in ``x.dtype``) one step short where that
+    step would be a kernel of its own: when the "pallas" backend runs the Mosaic GPU kernel with
+    K split (decode shapes) and there is no bias, the float32 partials and row multipliers as a
+    :class:`~jaxfp4.ops.SplitKSum`, whose ``resolve()`` is :func:`fp4_linear`'s output bit for
+    bit, for a kernel that sums them in its own pass (:func:`jaxfp4.kernels.norm_triton.add_rms_norm`);
+    otherwise :func:`fp4_linear`'s output. ``prefetch`` as there."""
+    _check_call(x, params, params.bias)
+    if prefetch is not None and not isinstance(prefetch, Fp4LinearParams):
+        raise TypeError(f"prefetch must be Fp4LinearParams or None, got {type(prefetch).__name__}")
+    chosen = select_backend(x, params, backend)
+    with jax.named_scope(f"jaxfp4.{chosen.name}"):
+        if chosen.name == _pallas.NAME:
+            return _pallas.forward(x, params, params.bias, jnp.dtype(x.dtype), prefetch, defer=True)
+        return chosen.forward(x, params, params.bias, jnp.dtype(x.dtype), prefetch)

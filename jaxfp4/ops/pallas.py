@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
+import operator
 import pathlib
 from collections.abc import Iterator
 
@@ -466,6 +468,48 @@ def l2_prefetch_plan(m: int, nxt: Fp4LinearParams, budget: int | None = None, ou
     )
 
 
+def split_sum(parts: jax.Array) -> jax.Array:
+    """Split-K partials ``[S, ...]`` summed in split order, ``((p0 + p1) + p2) + ...``, in
+    float32: the order that :mod:`jaxfp4.kernels.norm_triton` repeats when it sums a
+    :class:`SplitKSum` itself, so that both give the same bits."""
+    return functools.reduce(operator.add, [parts[i] for i in range(parts.shape[0])])
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["parts", "row_scale"], meta_fields=["lead", "n", "dtype"])
+@dataclasses.dataclass(frozen=True)
+class SplitKSum:
+    """A linear layer's output one step short of done: the Mosaic GPU kernel's split-K partials
+    before their sum (what :func:`jaxfp4.ops.fp4_linear_deferred` returns at decode shapes), so
+    that the kernel that consumes the output (the residual add + RMSNorm,
+    :func:`jaxfp4.kernels.norm_triton.add_rms_norm`) sums them in its own pass instead of XLA
+    in a kernel of its own.
+
+    ``parts``: float32 ``[S, Mp, Np]``: split ``s``'s sum for token ``m`` and weight row ``n``,
+    times ``2**-c`` (:func:`jaxfp4.kernels.w4a16_mgpu.fp4_matmul_partials_mgpu`; a token's
+    partials are contiguous rows); ``row_scale``: float32 ``(Np,)``, ``alpha * 2**c`` per row.
+    The output has shape ``lead + (n,)`` and dtype ``dtype``: :meth:`resolve`."""
+
+    parts: jax.Array
+    row_scale: jax.Array
+    lead: tuple[int, ...]
+    n: int
+    dtype: jnp.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The output's shape, ``lead + (n,)``."""
+        return (*self.lead, self.n)
+
+    def resolve(self) -> jax.Array:
+        """The layer's output as :func:`jaxfp4.fp4_linear` returns it: ``split_sum(parts) *
+        row_scale`` rounded to ``dtype``, ``lead + (n,)``."""
+        m = 1
+        for d in self.lead:
+            m *= d
+        y = _epilogue(split_sum(self.parts)[:m, : self.n], self.row_scale[: self.n], None, self.dtype)
+        return y.reshape(self.shape)
+
+
 def mgpu_linear(
     x2: jax.Array,
     layout: KernelLayout,
@@ -474,11 +518,14 @@ def mgpu_linear(
     out_dtype: jnp.dtype,
     cfg=None,
     prefetch: Fp4LinearParams | None = None,
-) -> jax.Array:
+    defer: bool = False,
+) -> jax.Array | SplitKSum:
     """``x2 @ (Q*S).T * alpha + bias`` ``(M, N)`` in ``out_dtype`` by the Mosaic GPU kernel, with
     ``alpha * 2**c`` the layout's ``row_scale``; ``x2`` bf16 ``(M, K)``; ``cfg`` defaults to
     :func:`choose_mgpu_config`. With one K split the epilogue runs in the kernel (no operation
-    before it unless there is a bias), else on its float32 split-K partials (one XLA fusion).
+    before it unless there is a bias), else on its float32 split-K partials (one XLA fusion,
+    :func:`split_sum`), or, with ``defer`` and no bias, not here: the partials come back as a
+    :class:`SplitKSum` (``lead`` ``(M,)``) for the consumer to sum.
     ``prefetch``: the layer that runs next, whose first weight tiles the kernel asks into L2 as
     it finishes (:func:`l2_prefetch_plan`; one-warpgroup configs; no effect on the result)."""
     from jaxfp4.kernels import w4a16_mgpu
@@ -502,7 +549,9 @@ def mgpu_linear(
         )
         return y[:m, : layout.n]
     parts = w4a16_mgpu.fp4_matmul_partials_mgpu(xp, layout.codes, layout.scales, cfg=cfg, mx=mx, **pf)
-    return _epilogue(parts.sum(0).T[:m, : layout.n], layout.row_scale[: layout.n], bias, out_dtype)
+    if defer and bias is None:
+        return SplitKSum(parts, layout.row_scale, (m,), layout.n, jnp.dtype(out_dtype))
+    return _epilogue(split_sum(parts)[:m, : layout.n], layout.row_scale[: layout.n], bias, out_dtype)
 
 
 def _epilogue(y: jax.Array, alpha: jax.Array | None, bias: jax.Array | None, out_dtype: jnp.dtype) -> jax.Array:
@@ -558,7 +607,11 @@ def forward(
     bias: jax.Array | None,
     out_dtype: jnp.dtype,
     prefetch: Fp4LinearParams | None = None,
-) -> jax.Array:
+    defer: bool = False,
+) -> jax.Array | SplitKSum:
+    """The backend's :func:`~jaxfp4.fp4_linear` (same arguments); ``defer``: where the Mosaic
+    GPU kernel splits K and there is no bias, the partials unsummed (:class:`SplitKSum`, for
+    :func:`~jaxfp4.ops.fp4_linear_deferred`)."""
     w = params.weight
     r = params.recipe
     lead = x.shape[:-1]
@@ -578,7 +631,10 @@ def forward(
             x2 = fp8_static_values(x2, params.input_scale, interpret=_interpret)
         elif acts == "fp8":
             x2 = codecs.decode_e4m3(quantize_fp8_static(x2, params.input_scale)).astype(jnp.bfloat16)
-        y = mgpu_linear(x2, params.kernel_layout, w.format is FP4Format.MXFP4, bias, out_dtype, prefetch=prefetch)
+        mx = w.format is FP4Format.MXFP4
+        y = mgpu_linear(x2, params.kernel_layout, mx, bias, out_dtype, prefetch=prefetch, defer=defer)
+        if isinstance(y, SplitKSum):
+            return dataclasses.replace(y, lead=tuple(lead))
     else:
         x2 = quantize_fp8_static(x2, params.input_scale) if acts == "fp8" else x2
         if uses_dense(m, acts, params, ob):

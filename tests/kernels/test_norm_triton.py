@@ -20,6 +20,7 @@ import pytest
 
 from jaxfp4.kernels import norm_triton as N
 from jaxfp4.models.llama import add_rms_norm as reference
+from jaxfp4.ops import SplitKSum
 from tests.conftest import requires_gpu
 
 # (leading shape, hidden): one decode row, a batch, odd widths (masked past hidden), a 3-D input.
@@ -54,6 +55,47 @@ def test_kernel_matches_the_jnp_norm_in_interpret_mode(lead, hid, dtype, with_de
     _check(N.add_rms_norm(x, delta, w, eps=1e-5, interpret=True), reference(x, delta, w, 1e-5), dtype)
 
 
+def _split_k(seed: int, lead: tuple[int, ...], hid: int, splits: int, dtype) -> SplitKSum:
+    """A split-K layer output as the Mosaic GPU kernel leaves it: float32 partials ``[S, Mp, Np]``
+    (tokens padded to 8, rows to 64, the padding random too: it must not be read) and row
+    multipliers ``alpha * 2**c``. With three splits or more the first two are large and cancel
+    exactly, so that a sum in another order than the split order rounds the rest away."""
+    rng = np.random.default_rng(seed)
+    m = int(np.prod(lead))
+    np_, mp = -(-hid // 64) * 64, -(-m // 8) * 8
+    parts = rng.standard_normal((splits, mp, np_)).astype(np.float32) * 2.0**-8
+    if splits >= 3:
+        parts[0] = rng.standard_normal((mp, np_)) * 2.0**10
+        parts[1] = -parts[0]
+    scale = (2.0**8 * rng.uniform(0.5, 2.0, np_)).astype(np.float32)
+    return SplitKSum(jnp.asarray(parts), jnp.asarray(scale), lead, hid, jnp.dtype(dtype))
+
+
+SPLIT_CASES = [((1,), 4096, 4), ((3,), 1000, 2), ((2, 5), 64, 3), ((1,), 3000, 4), ((16,), 4096, 2)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize(("lead", "hid", "splits"), SPLIT_CASES)
+def test_split_k_delta_is_summed_like_its_resolve(lead, hid, splits, dtype):
+    # The kernel sums a SplitKSum's partials itself (hid 3000: the padded rows are short of the
+    # program's block, so it resolves them first): h bit-equal to the summed path's. The split
+    # order matters (three splits and more: the first two cancel), which the check would see.
+    x, _, w = _inputs(hid + splits, lead, hid, dtype)
+    delta = _split_k(hid, lead, hid, splits, dtype)
+    _check(N.add_rms_norm(x, delta, w, eps=1e-5, interpret=True), reference(x, delta.resolve(), w, 1e-5), dtype)
+    with pytest.raises(ValueError, match="split-K delta"):
+        N.add_rms_norm(x, _split_k(0, lead, hid, splits, jnp.float32), w, eps=1e-5, interpret=True)
+
+
+def test_split_order_is_what_resolve_depends_on():
+    # The cancelling partials make the order visible: summing them the other way round loses the
+    # small ones, so the test above could tell a kernel that summed in another order.
+    d = _split_k(7, (1,), 256, 3, jnp.bfloat16)
+    p = np.asarray(d.parts)
+    other = (p[2] + p[1]) + p[0]
+    assert not np.array_equal(other, np.asarray((p[0] + p[1]) + p[2]))
+
+
 def test_weight_dtype_and_eps_are_used():
     # A bf16 weight is cast like a float32 one; eps enters the factor (rows of tiny values show it).
     x, delta, w = _inputs(3, (2,), 256, jnp.bfloat16, jnp.bfloat16)
@@ -81,6 +123,15 @@ def test_kernel_lowers_for_cuda_on_cpu_install():
     for d in (delta, None):
         lowered = jax.jit(lambda x, d, w: N.add_rms_norm(x, d, w, eps=1e-5)).trace(x, d, w)
         assert "triton" in lowered.lower(lowering_platforms=("cuda",)).as_text()
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize(("lead", "hid", "splits"), SPLIT_CASES)
+def test_split_k_delta_on_gpu(lead, hid, splits, dtype):
+    x, _, w = _inputs(hid + splits, lead, hid, dtype)
+    delta = _split_k(hid, lead, hid, splits, dtype)
+    _check(N.add_rms_norm(x, delta, w, eps=1e-5), reference(x, delta.resolve(), w, 1e-5), dtype)
 
 
 @requires_gpu

@@ -295,6 +295,7 @@ def test_mgpu_kernel_lowers_for_cuda_on_cpu_install(mx):
         # Split K summed through distributed shared memory by clusters of split_k CTAs.
         (1, 256, 1024, K.MgpuConfig(256, 2, 4, cluster=True)),
         (16, 448, 2048, K.MgpuConfig(256, 4, 4, ctas=12, cluster=True)),
+        (64, 256, 2048, K.MgpuConfig(256, 2, 2, cluster=True)),
     ]
     for m, n, k, cfg in cases:
         args = [
@@ -308,7 +309,7 @@ def test_mgpu_kernel_lowers_for_cuda_on_cpu_install(mx):
             out = (K.padded_tokens(m), n)
         else:
             f = jax.jit(lambda *a, cfg=cfg: K.fp4_matmul_partials_mgpu(*a, cfg=cfg, mx=mx))
-            out = (cfg.split_k, n, K.padded_tokens(m))
+            out = (cfg.split_k, K.padded_tokens(m), n)
         lowered = f.trace(*args).lower(lowering_platforms=("cuda",))
         assert "mosaic_gpu" in lowered.as_text() and lowered.out_info.shape == out
 
@@ -326,7 +327,7 @@ def test_mgpu_kernel_lowers_for_cuda_on_cpu_install(mx):
         (5, 512, K.MgpuConfig(256, 2, 2, cluster=True), False, "fused output"),  # no partials to write
         (5, 768, K.MgpuConfig(256, 3, 2, cluster=True), True, "cluster reduction needs"),
         (5, 512, K.MgpuConfig(256, 2, 2, ctas=3, cluster=True), True, "cluster reduction needs"),
-        (64, 512, K.MgpuConfig(256, 2, 2, cluster=True), True, "verified up to 40"),
+        (136, 512, K.MgpuConfig(256, 2, 2, cluster=True), True, "verified up to 128"),
     ],
 )
 def test_mgpu_kernel_rejects_bad_shapes(m, k, cfg, fused, match):
@@ -376,6 +377,8 @@ def test_mgpu_kernel_rejects_bad_shapes(m, k, cfg, fused, match):
         (16, 448, 2048, K.MgpuConfig(256, 4, 4, ctas=12, cluster=True)),  # 7 units over 3 clusters
         (40, 128, 4096, K.MgpuConfig(256, 8, 2, ctas=8, cluster=True)),  # clusters of 8
         (8, 192, 2048, K.MgpuConfig(256, 4, 2, ctas=8, cluster=True, inflight=1)),
+        (64, 256, 2048, K.MgpuConfig(256, 2, 2, cluster=True)),  # swizzled partials (whole 128-byte rows)
+        (128, 192, 1024, K.MgpuConfig(256, 2, 2, ctas=4, cluster=True)),  # 3 units over 2 clusters
     ],
 )
 def test_mgpu_kernel_equals_exact_product_on_gpu(fmt, m, n, k, cfg):
@@ -406,7 +409,7 @@ def test_mgpu_kernel_equals_exact_product_on_gpu(fmt, m, n, k, cfg):
             assert np.all(np.abs(got - want) <= k * 2.0**-24 * mag * a + rnd * np.abs(want) + 1e-30)
     else:
         parts = K.fp4_matmul_partials_mgpu(xp, codes, scales, cfg=cfg, mx=mx)
-        got = np.asarray(parts, np.float64).sum(0).T[:m] * 2.0 ** K.epilogue_exponent(mx)
+        got = np.asarray(parts, np.float64).sum(0)[:m] * 2.0 ** K.epilogue_exponent(mx)
         assert np.all(np.abs(got - xf @ w.T) <= k * 2.0**-24 * mag + 1e-30)
 
 
@@ -433,6 +436,74 @@ def test_fp4_linear_with_kernel_layout_matches_xla_on_gpu(recipe, lead, n, k, mo
     assert pallas.uses_mgpu(p, x.size // k)
     y = jax.jit(lambda x, p: jaxfp4.fp4_linear(x, p))(x, p)
     _check_against_reference(x, p, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Split-K partials handed on unsummed (fp4_linear_deferred, SplitKSum)
+
+
+@pytest.mark.parametrize("recipe", [pytest.param(r, id=r.name) for r in RECIPES])
+def test_fp4_linear_deferred_is_fp4_linear_where_nothing_is_deferred(recipe):
+    # The "xla" backend (and so every CPU run) sums nothing later: fp4_linear's array, bit for bit.
+    p = _params(recipe, 96, 256, fused=True)
+    x = jax.random.normal(jax.random.key(2), (2, 256), jnp.float32).astype(jnp.bfloat16)
+    y = jaxfp4.ops.fp4_linear_deferred(x, p, backend="xla")
+    assert not isinstance(y, jaxfp4.ops.SplitKSum)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(jaxfp4.fp4_linear(x, p, backend="xla"), np.float32))
+
+
+def _fake_partials(x, codes, scales, prefetch=None, *, cfg, mx, prefetch_plan=None):
+    """Stands in for the Mosaic GPU partials kernel on the CPU: ``[split, Mp, Np]`` float32 that
+    depend on every input row and differ by split (values irrelevant, layout the kernel's)."""
+    mp, np_ = K.padded_tokens(x.shape[0]), codes.shape[0]
+    w = jax.random.normal(jax.random.key(codes.shape[1]), (cfg.split_k, x.shape[1], np_), jnp.float32)
+    xp = jnp.pad(x.astype(jnp.float32), ((0, mp - x.shape[0]), (0, 0)))
+    return jnp.einsum("mk,skn->smn", xp, w)
+
+
+@pytest.mark.parametrize("lead", [(1,), (2, 3)])
+def test_deferred_split_k_output_resolves_to_fp4_linear(lead, monkeypatch):
+    """The plumbing on the CPU, the kernel replaced by a stand-in of its output layout: a split-K
+    config without a bias returns a SplitKSum (the partials, the layout's row multipliers, the
+    output's lead shape, width and dtype) whose resolve() is fp4_linear's output bit for bit;
+    with a bias or one K split, fp4_linear's array."""
+    monkeypatch.setattr(pallas, "_on_gpu", lambda: True)
+    monkeypatch.setattr(K, "fp4_matmul_partials_mgpu", _fake_partials)
+    n, k = 200, 512
+    pb = jaxfp4.prepare_weights(_params(NVFP4W4A16(), n, k, fused=True))  # with a bias
+    p = dataclasses.replace(pb, bias=None)
+    x = jax.random.normal(jax.random.key(5), (*lead, k), jnp.float32).astype(jnp.bfloat16)
+    split = K.MgpuConfig(256, 2, 2)
+    monkeypatch.setattr(pallas, "choose_mgpu_config", lambda *a, **kw: split)
+    d = jaxfp4.ops.fp4_linear_deferred(x, p)
+    assert isinstance(d, jaxfp4.ops.SplitKSum)
+    assert (d.lead, d.n, d.dtype, d.shape) == (lead, n, jnp.dtype(jnp.bfloat16), (*lead, n))
+    assert d.parts.shape == (2, K.padded_tokens(x.size // k), 256)
+    y = jaxfp4.fp4_linear(x, p)
+    np.testing.assert_array_equal(np.asarray(d.resolve(), np.float32), np.asarray(y, np.float32))
+    # A bias is added by the epilogue after the sum: nothing deferred.
+    yb = jaxfp4.ops.fp4_linear_deferred(x, pb)
+    assert not isinstance(yb, jaxfp4.ops.SplitKSum)
+    np.testing.assert_array_equal(np.asarray(yb, np.float32), np.asarray(jaxfp4.fp4_linear(x, pb), np.float32))
+
+
+@requires_gpu
+@pytest.mark.parametrize("recipe", [pytest.param(r, id=r.name) for r in RECIPES])
+@pytest.mark.parametrize("lead", [(1,), (2, 3)])
+def test_fp4_linear_deferred_resolves_to_fp4_linear_on_gpu(recipe, lead):
+    """A decode shape whose config splits K: the partials come back unsummed, and their
+    resolve() is fp4_linear's output bit for bit (the same sum in the same order), with the L2
+    hint of a next layer too."""
+    n, k = 4096, 4096
+    p = dataclasses.replace(jaxfp4.prepare_weights(_params(recipe, n, k, fused=True)), bias=None)
+    nxt = jaxfp4.prepare_weights(_params(recipe, 1024, k, fused=True))
+    x = jax.random.normal(jax.random.key(3), (*lead, k), jnp.float32).astype(jnp.bfloat16)
+    assert pallas.choose_mgpu_config(x.size // k, n, k, recipe.weight_format).split_k > 1
+    y = jax.jit(lambda x, p: jaxfp4.fp4_linear(x, p))(x, p)
+    for hint in (None, nxt):
+        d = jax.jit(lambda x, p, h: jaxfp4.ops.fp4_linear_deferred(x, p, prefetch=h))(x, p, hint)
+        assert isinstance(d, jaxfp4.ops.SplitKSum) and d.lead == lead and d.n == n
+        np.testing.assert_array_equal(np.asarray(d.resolve(), np.float32), np.asarray(y, np.float32))
 
 
 # ---------------------------------------------------------------------------------------------

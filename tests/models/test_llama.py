@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 import jaxfp4
 from jaxfp4.models import Llama, generate
 from jaxfp4.models.llama import _generate
+from tests.conftest import requires_gpu
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures")
 PROMPT_LEN, NEW = 12, 10
@@ -181,25 +182,32 @@ def test_model_kernels_need_a_gpu_or_interpret_mode():
                 generate(model, jnp.ones((1, 4), jnp.int32), max_new_tokens=2)
 
 
-@pytest.mark.parametrize("fuse", [True, False])
-def test_each_linear_hints_the_layer_that_runs_next(fuse, monkeypatch):
+@pytest.mark.parametrize(("fuse", "norm"), [(True, "xla"), (False, "xla"), (True, "pallas")])
+def test_each_linear_hints_the_layer_that_runs_next(fuse, norm, monkeypatch):
     """With ``prefetch`` each quantized linear passes the next one to ``fp4_linear`` as its L2
     prefetch hint, in the order they run (q/k/v -> o_proj -> gate/up -> down_proj -> the next
-    block's q/k/v; the last down_proj none: the head is dense here); without, no hints."""
+    block's q/k/v; the last down_proj none: the head is dense here); without, no hints. With the
+    norm kernel, o_proj and down_proj (whose outputs go to it) run as ``Fp4Linear.deferred``,
+    which may leave their split-K sums to it; the others as calls."""
     from jaxfp4.nn import Fp4Linear
 
     ck = jaxfp4.load_checkpoint(os.path.join(FIXTURES, "ct-nvfp4a16"))
     calls = []
-    original = Fp4Linear.__call__
+    original, original_deferred = Fp4Linear.__call__, Fp4Linear.deferred
 
     def spy(self, x, *, prefetch=None):
-        calls.append((self, prefetch))
+        calls.append((self, prefetch, False))
         return original(self, x, prefetch=prefetch)
 
+    def spy_deferred(self, x, *, prefetch=None):
+        calls.append((self, prefetch, True))
+        return original_deferred(self, x, prefetch=prefetch)
+
     monkeypatch.setattr(Fp4Linear, "__call__", spy)
+    monkeypatch.setattr(Fp4Linear, "deferred", spy_deferred)
     tokens = jnp.ones((1, 3), jnp.int32)
     for hints in (True, False):
-        model = Llama(ck, dtype=jnp.bfloat16, fuse=fuse, prefetch=hints)
+        model = Llama(ck, dtype=jnp.bfloat16, fuse=fuse, prefetch=hints, norm=norm)
         order = [
             layer
             for blk in model.layers
@@ -208,10 +216,13 @@ def test_each_linear_hints_the_layer_that_runs_next(fuse, monkeypatch):
         ]
         assert all(isinstance(layer, Fp4Linear) for layer in order) and len(order) == (4 if fuse else 7) * len(model.layers)
         calls.clear()
-        model(tokens, jnp.int32(0), model.init_cache(1, 8))
+        with jaxfp4.ops.pallas_interpret(norm == "pallas"):
+            model(tokens, jnp.int32(0), model.init_cache(1, 8))
         assert [c[0] for c in calls] == order
         want = [*order[1:], None] if hints else [None] * len(order)
         assert [c[1] for c in calls] == want
+        outs = {id(b.self_attn.o_proj) for b in model.layers} | {id(b.mlp.down_proj) for b in model.layers}
+        assert [c[2] for c in calls] == [norm == "pallas" and id(layer) in outs for layer in order]
 
 
 def test_sampling_is_keyed_and_respects_top_k():
@@ -278,3 +289,28 @@ def test_fused_projections_match_separate_layers(name):
     l1, l2 = np.asarray(l1), np.asarray(l2)
     assert np.max(np.abs(l1 - l2)) <= 2.0**-7 * np.abs(l2).max()
     np.testing.assert_array_equal(np.asarray(t1), np.asarray(t2))
+
+
+@requires_gpu
+def test_gpu_kernels_match_the_jnp_paths_on_a_llama3_8b_shaped_model():
+    # On the GPU with every kernel the model has (Mosaic GPU linears, o_proj's and down_proj's
+    # split-K partials summed by the add + norm kernel, the attention kernel) against the same
+    # weights with attention and norm in jnp: one decode step's logits within 2 bf16 ulps at the
+    # top of the logit range (the kernels' float32 sums run in other orders; their own tests
+    # bound each).
+    from kernels.bench_llama import llama3_8b, random_checkpoint
+
+    ck = random_checkpoint(llama3_8b(2, 1024), fp4=True)
+    ker = Llama(ck, dtype=jnp.bfloat16)
+    ref = Llama(ck, dtype=jnp.bfloat16, attention="xla", norm="xla")
+    for layer in (ker.layers[0].self_attn.o_proj, ker.layers[0].mlp.down_proj):  # the path under test
+        x = jnp.ones((1, 1, layer.in_features), jnp.bfloat16)
+        assert isinstance(layer.deferred(x), jaxfp4.ops.SplitKSum)
+    prompt = jax.random.randint(jax.random.key(0), (1, 9), 0, 1024, jnp.int32)
+    out = {}
+    for name, model in (("ker", ker), ("ref", ref)):
+        cache = model.init_cache(1, 16)
+        _, cache = model(prompt[:, :8], jnp.int32(0), cache)
+        out[name], _ = model(prompt[:, 8:], jnp.int32(8), cache)
+    tol = 2 * 2.0**-7 * float(jnp.abs(out["ref"]).max())
+    np.testing.assert_allclose(np.asarray(out["ker"]), np.asarray(out["ref"]), rtol=0, atol=tol)
