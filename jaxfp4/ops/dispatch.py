@@ -32,7 +32,9 @@ class Backend:
 BACKENDS: dict[str, Backend] = {m.NAME: Backend(m.NAME, m.unsupported_reason, m.forward) for m in (_pallas, _xla)}
 
 
-def _check_call(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None) -> None:
+def _check_call(
+    x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None, prefetch: Fp4LinearParams | None = None
+) -> None:
     if not isinstance(params, Fp4LinearParams):
         raise TypeError(f"params must be Fp4LinearParams, got {type(params).__name__}")
     if jnp.dtype(x.dtype) not in FLOAT_ACTIVATION_DTYPES:
@@ -41,6 +43,8 @@ def _check_call(x: jax.Array, params: Fp4LinearParams, bias: jax.Array | None) -
         raise ValueError(f"x has shape {x.shape}; its last axis must be in_features={params.in_features}")
     if bias is not None and tuple(bias.shape) != (params.out_features,):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({params.out_features},)")
+    if prefetch is not None and not isinstance(prefetch, Fp4LinearParams):
+        raise TypeError(f"prefetch must be Fp4LinearParams or None, got {type(prefetch).__name__}")
 
 
 def select_backend(x: jax.Array, params: Fp4LinearParams, backend: str | None = None) -> Backend:
@@ -87,9 +91,7 @@ def fp4_linear(
       W4A16). Accumulation is float32. Runs under ``jax.named_scope("jaxfp4.<backend>")``.
     """
     bias = params.bias if bias is None else bias
-    _check_call(x, params, bias)
-    if prefetch is not None and not isinstance(prefetch, Fp4LinearParams):
-        raise TypeError(f"prefetch must be Fp4LinearParams or None, got {type(prefetch).__name__}")
+    _check_call(x, params, bias, prefetch)
     chosen = select_backend(x, params, backend)
     with jax.named_scope(f"jaxfp4.{chosen.name}"):
         return chosen.forward(x, params, bias, jnp.dtype(x.dtype if out_dtype is None else out_dtype), prefetch)
@@ -108,9 +110,7 @@ def fp4_linear_deferred(
     :class:`~jaxfp4.ops.SplitKSum`, whose ``resolve()`` is :func:`fp4_linear`'s output bit for
     bit, for a kernel that sums them in its own pass (:func:`jaxfp4.kernels.norm_triton.add_rms_norm`);
     otherwise :func:`fp4_linear`'s output. ``prefetch`` as there."""
-    _check_call(x, params, params.bias)
-    if prefetch is not None and not isinstance(prefetch, Fp4LinearParams):
-        raise TypeError(f"prefetch must be Fp4LinearParams or None, got {type(prefetch).__name__}")
+    _check_call(x, params, params.bias, prefetch)
     chosen = select_backend(x, params, backend)
     with jax.named_scope(f"jaxfp4.{chosen.name}"):
         if chosen.name == _pallas.NAME:

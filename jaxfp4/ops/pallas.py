@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import operator
 import pathlib
 from collections.abc import Iterator
@@ -503,9 +504,7 @@ class SplitKSum:
     def resolve(self) -> jax.Array:
         """The layer's output as :func:`jaxfp4.fp4_linear` returns it: ``split_sum(parts) *
         row_scale`` rounded to ``dtype``, ``lead + (n,)``."""
-        m = 1
-        for d in self.lead:
-            m *= d
+        m = math.prod(self.lead)
         y = _epilogue(split_sum(self.parts)[:m, : self.n], self.row_scale[: self.n], None, self.dtype)
         return y.reshape(self.shape)
 
